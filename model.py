@@ -1,0 +1,309 @@
+"""Whisper: a Transformer encoder over log-Mel frames and a Transformer decoder over text tokens.
+
+Same architecture and parameter names as openai/whisper's model.py, so its checkpoints load as they are,
+with two modernisations: attention goes through F.scaled_dot_product_attention, and the decoder's
+keys/values live in an explicit, preallocated `KVCache` instead of forward hooks.
+
+    mel (B, n_mels, 3000) -> AudioEncoder -> audio features (B, 1500, D)
+    tokens (B, T) + audio features -> TextDecoder -> logits (B, T, n_vocab)
+"""
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from weights import CheckpointError, read_checkpoint
+
+
+@dataclass(frozen=True)
+class ModelDimensions:
+    n_mels: int
+    n_audio_ctx: int
+    n_audio_state: int
+    n_audio_head: int
+    n_audio_layer: int
+    n_vocab: int
+    n_text_ctx: int
+    n_text_state: int
+    n_text_head: int
+    n_text_layer: int
+
+
+def _dims(n_mels, width, heads, layers, n_vocab, decoder_layers=None) -> ModelDimensions:
+    return ModelDimensions(n_mels, 1500, width, heads, layers, n_vocab, 448, width, heads, decoder_layers or layers)
+
+
+# The published models. English-only vocabularies have 51864 tokens, multilingual 51865 (51866 for v3).
+MODEL_DIMS: Dict[str, ModelDimensions] = {
+    "tiny.en": _dims(80, 384, 6, 4, 51864),
+    "tiny": _dims(80, 384, 6, 4, 51865),
+    "base.en": _dims(80, 512, 8, 6, 51864),
+    "base": _dims(80, 512, 8, 6, 51865),
+    "small.en": _dims(80, 768, 12, 12, 51864),
+    "small": _dims(80, 768, 12, 12, 51865),
+    "medium.en": _dims(80, 1024, 16, 24, 51864),
+    "medium": _dims(80, 1024, 16, 24, 51865),
+    "large-v1": _dims(80, 1280, 20, 32, 51865),
+    "large-v2": _dims(80, 1280, 20, 32, 51865),
+    "large-v3": _dims(128, 1280, 20, 32, 51866),
+    "large-v3-turbo": _dims(128, 1280, 20, 32, 51866, decoder_layers=4),
+}
+
+
+# Layers that compute in the input's dtype while their parameters may be kept in float32,
+# and LayerNorm that always normalises in float32 (as openai/whisper does, for fp16 stability).
+class LayerNorm(nn.LayerNorm):
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+class Linear(nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+class Conv1d(nn.Conv1d):
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return super()._conv_forward(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000) -> Tensor:
+    """The encoder's fixed sinusoidal position embedding, (length, channels)."""
+    log_timescale_increment = np.log(max_timescale) / (channels // 2 - 1)
+    inv_timescales = torch.exp(-log_timescale_increment * torch.arange(channels // 2))
+    scaled_time = torch.arange(length)[:, None] * inv_timescales[None, :]
+    return torch.cat([torch.sin(scaled_time), torch.cos(scaled_time)], dim=1)
+
+
+class KVCache:
+    """What the decoder has already computed, so each new token costs one step, not a re-run.
+
+    Self-attention keys/values go into buffers preallocated for `max_length` tokens (no torch.cat
+    per step, and fixed shapes for CUDA graphs); cross-attention keys/values of the audio are
+    computed once, on the first step, and reused.
+    """
+
+    def __init__(self, dims: ModelDimensions, batch_size: int, max_length: int, device, dtype):
+        head_dim = dims.n_text_state // dims.n_text_head
+        shape = (dims.n_text_layer, batch_size, dims.n_text_head, max_length, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.cross: list = [None] * dims.n_text_layer  # per layer: (k, v), each (B, H, 1500, head_dim)
+        self.length = 0  # tokens cached so far (the position of the next token)
+
+    @property
+    def max_length(self) -> int:
+        return self.keys.shape[3]
+
+    def extend(self, layer: int, k: Tensor, v: Tensor):
+        """Store this step's (B, H, T, head_dim) keys/values; return all of them so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} tokens; step would reach {end}")
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def reorder(self, rows: Tensor):
+        """Keep/duplicate batch rows (beam search): row i becomes old row rows[i]."""
+        self.keys = self.keys[:, rows]
+        self.values = self.values[:, rows]
+        self.cross = [None if kv is None else (kv[0][rows], kv[1][rows]) for kv in self.cross]
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, n_state: int, n_head: int, causal: bool = False):
+        super().__init__()
+        self.n_head = n_head
+        self.causal = causal  # the decoder's self-attention: token i sees tokens <= i
+        self.query = Linear(n_state, n_state)
+        self.key = Linear(n_state, n_state, bias=False)
+        self.value = Linear(n_state, n_state)
+        self.out = Linear(n_state, n_state)
+
+    def forward(self, x: Tensor, source: Optional[Tensor] = None, cache: Optional[KVCache] = None, layer: int = 0):
+        """x (B, T, D): self-attention when `source` is None, else cross-attention over `source` (B, S, D)."""
+        q = self._heads(self.query(x))  # (B, H, T, hd)
+        if source is None:
+            k, v = self._heads(self.key(x)), self._heads(self.value(x))
+            if cache is not None:
+                k, v = cache.extend(layer, k, v)
+        elif cache is not None and cache.cross[layer] is not None:
+            k, v = cache.cross[layer]
+        else:
+            k, v = self._heads(self.key(source)), self._heads(self.value(source))
+            if cache is not None:
+                cache.cross[layer] = (k, v)
+        out = self._attend(q, k, v, causal=self.causal and source is None)  # (B, H, T, hd)
+        return self.out(out.transpose(1, 2).flatten(2))  # (B, T, D)
+
+    def _heads(self, x: Tensor) -> Tensor:  # (B, T, D) -> (B, H, T, hd)
+        return x.view(*x.shape[:2], self.n_head, -1).transpose(1, 2)
+
+    @staticmethod
+    def _attend(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+        n_query, n_key = q.shape[2], k.shape[2]
+        if not causal or n_query == 1:  # a single new token may see everything cached
+            return F.scaled_dot_product_attention(q, k, v)
+        if n_query == n_key:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # Queries come after n_key - n_query cached tokens: query i sees keys up to its own position.
+        mask = torch.ones(n_query, n_key, dtype=torch.bool, device=q.device).tril(n_key - n_query)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, n_state: int, n_head: int, cross_attention: bool = False):
+        super().__init__()
+        self.attn = MultiHeadAttention(n_state, n_head, causal=cross_attention)  # decoder blocks are causal
+        self.attn_ln = LayerNorm(n_state)
+        self.cross_attn = MultiHeadAttention(n_state, n_head) if cross_attention else None
+        self.cross_attn_ln = LayerNorm(n_state) if cross_attention else None
+        self.mlp = nn.Sequential(Linear(n_state, 4 * n_state), nn.GELU(), Linear(4 * n_state, n_state))
+        self.mlp_ln = LayerNorm(n_state)
+
+    def forward(self, x: Tensor, audio: Optional[Tensor] = None, cache: Optional[KVCache] = None, layer: int = 0):
+        x = x + self.attn(self.attn_ln(x), cache=cache, layer=layer)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.cross_attn_ln(x), audio, cache=cache, layer=layer)
+        return x + self.mlp(self.mlp_ln(x))
+
+
+class AudioEncoder(nn.Module):
+    def __init__(self, n_mels: int, n_ctx: int, n_state: int, n_head: int, n_layer: int):
+        super().__init__()
+        self.conv1 = Conv1d(n_mels, n_state, kernel_size=3, padding=1)
+        self.conv2 = Conv1d(n_state, n_state, kernel_size=3, stride=2, padding=1)
+        self.register_buffer("positional_embedding", sinusoids(n_ctx, n_state))
+        self.blocks = nn.ModuleList([ResidualAttentionBlock(n_state, n_head) for _ in range(n_layer)])
+        self.ln_post = LayerNorm(n_state)
+
+    def forward(self, mel: Tensor) -> Tensor:
+        """mel (B, n_mels, 2 * n_ctx) -> audio features (B, n_ctx, n_state)."""
+        n_ctx = self.positional_embedding.shape[0]
+        if mel.shape[1:] != (self.conv1.in_channels, 2 * n_ctx):
+            raise ValueError(f"encoder expects mel (B, {self.conv1.in_channels}, {2 * n_ctx}), got {tuple(mel.shape)}")
+        x = F.gelu(self.conv1(mel))
+        x = F.gelu(self.conv2(x))  # stride 2: 3000 frames -> 1500 positions
+        x = (x.permute(0, 2, 1) + self.positional_embedding).to(x.dtype)  # (B, n_ctx, n_state)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_post(x)
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, n_vocab: int, n_ctx: int, n_state: int, n_head: int, n_layer: int):
+        super().__init__()
+        self.token_embedding = nn.Embedding(n_vocab, n_state)
+        self.positional_embedding = nn.Parameter(torch.empty(n_ctx, n_state))
+        self.blocks = nn.ModuleList(
+            [ResidualAttentionBlock(n_state, n_head, cross_attention=True) for _ in range(n_layer)]
+        )
+        self.ln = LayerNorm(n_state)
+
+    def forward(self, tokens: Tensor, audio: Tensor, cache: Optional[KVCache] = None) -> Tensor:
+        """tokens (B, T) after the `cache.length` already seen; audio (B, 1500, D) -> logits (B, T, n_vocab) float32."""
+        offset = cache.length if cache is not None else 0
+        n_ctx = self.positional_embedding.shape[0]
+        if offset + tokens.shape[1] > n_ctx:
+            raise ValueError(f"decoder context is {n_ctx} tokens; got {offset + tokens.shape[1]}")
+        x = self.token_embedding(tokens) + self.positional_embedding[offset : offset + tokens.shape[1]]
+        x = x.to(audio.dtype)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, audio, cache=cache, layer=layer)
+        if cache is not None:
+            cache.length += tokens.shape[1]
+        x = self.ln(x)
+        # The output projection is tied to the token embedding.
+        return (x @ self.token_embedding.weight.to(x.dtype).T).float()
+
+
+class Whisper(nn.Module):
+    def __init__(self, dims: ModelDimensions):
+        super().__init__()
+        self.dims = dims
+        self.encoder = AudioEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer)
+        self.decoder = TextDecoder(dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head, dims.n_text_layer)
+
+    def embed_audio(self, mel: Tensor) -> Tensor:
+        return self.encoder(mel)
+
+    def logits(self, tokens: Tensor, audio_features: Tensor, cache: Optional[KVCache] = None) -> Tensor:
+        return self.decoder(tokens, audio_features, cache)
+
+    def forward(self, mel: Tensor, tokens: Tensor) -> Tensor:
+        return self.decoder(tokens, self.encoder(mel))
+
+    def new_cache(self, batch_size: int, max_length: Optional[int] = None) -> KVCache:
+        """An empty KV cache for decoding `batch_size` rows of up to `max_length` tokens."""
+        max_length = min(max_length or self.dims.n_text_ctx, self.dims.n_text_ctx)
+        return KVCache(self.dims, batch_size, max_length, self.device, self.dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.positional_embedding.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.positional_embedding.dtype
+
+    @property
+    def is_multilingual(self) -> bool:
+        return self.dims.n_vocab >= 51865
+
+    @property
+    def num_languages(self) -> int:
+        return self.dims.n_vocab - 51765 - int(self.is_multilingual)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(name_or_path, device=None, dtype: Optional[torch.dtype] = None) -> Whisper:
+    """A Whisper model from a name ("tiny.en", "base", ...) or a checkpoint path (CT2, OpenAI .pt, HF folder).
+
+    Defaults: CUDA if present; float16 on GPU, float32 on CPU.
+    """
+    device = torch.device(device or default_device())
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    dims_dict, state = read_checkpoint(name_or_path)
+    try:
+        dims = ModelDimensions(**dims_dict)
+    except TypeError as err:
+        raise CheckpointError(f"{name_or_path}: bad model dimensions {dims_dict} ({err})") from None
+    expected = MODEL_DIMS.get(str(name_or_path))
+    if expected is not None and dims != expected:
+        raise CheckpointError(f"{name_or_path}: checkpoint dimensions {dims} are not those of {name_or_path} ({expected})")
+    model = Whisper(dims)
+    _check_state_dict(model, state, name_or_path)
+    model.load_state_dict(state)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _check_state_dict(model: nn.Module, state: dict, source) -> None:
+    """Fail with names, not a wall of text, when a checkpoint does not fit the model."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshapen = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    problems = [
+        f"{label} ({len(items)}): {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", misshapen))
+        if items
+    ]
+    if problems:
+        raise CheckpointError(f"{source}: checkpoint does not fit the model: " + "; ".join(problems))
+
+
+def save_checkpoint(model: Whisper, path) -> None:
+    """Save in OpenAI's .pt layout, which load_model (and openai-whisper) read back."""
+    torch.save({"dims": asdict(model.dims), "model_state_dict": model.state_dict()}, path)
