@@ -108,10 +108,16 @@ class KVCache:
         self.values[layer, :, :, self.length : end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
-    def reorder(self, rows: Tensor):
-        """Keep/duplicate batch rows (beam search): row i becomes old row rows[i]."""
-        self.keys = self.keys[:, rows]
-        self.values = self.values[:, rows]
+    def reorder_beams(self, rows: Tensor):
+        """Beam search: row i continues old row rows[i]. Only self-attention moves: beams of one
+        utterance share its audio, so their cross-attention entries are already equal."""
+        n = self.length
+        self.keys[:, :, :, :n] = self.keys[:, rows, :, :n]
+        self.values[:, :, :, :n] = self.values[:, rows, :, :n]
+
+    def select(self, rows: Tensor):
+        """Keep only these rows (finished utterances leave the batch)."""
+        self.keys, self.values = self.keys[:, rows], self.values[:, rows]
         self.cross = [None if kv is None else (kv[0][rows], kv[1][rows]) for kv in self.cross]
 
 

@@ -1,0 +1,151 @@
+"""The model is openai-whisper's model: same logits on the official weights, from every checkpoint format."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import whisper  # test-only reference implementation
+
+from data import list_utterances
+from model import MODEL_DIMS, Whisper, load_model, save_checkpoint
+from weights import CheckpointError, find_model_files, read_checkpoint
+
+MODELS = ["tiny.en", "base"]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def loaded(request):
+    """(our model, openai-whisper's model holding the same float32 weights)."""
+    ours = load_model(request.param, device="cpu", dtype=torch.float32)
+    reference = whisper.model.Whisper(whisper.model.ModelDimensions(**ours.dims.__dict__))
+    reference.load_state_dict(ours.state_dict())
+    return ours, reference.eval()
+
+
+def _mels(data_dir, n=3):
+    utterances = list_utterances(data_dir / "test-clean")[:n]
+    audio = [torch.from_numpy(sf.read(u.audio, dtype="float32")[0]) for u in utterances]
+    return torch.stack([whisper.log_mel_spectrogram(whisper.pad_or_trim(a)) for a in audio])
+
+
+def _prompt(model: Whisper, n_text: int, seed: int = 0) -> torch.Tensor:
+    """A start-of-transcript prompt followed by random text tokens, (3, len)."""
+    sot = [50257, 50362] if not model.is_multilingual else [50258, 50259, 50359, 50363]
+    text = torch.randint(0, 50000, (3, n_text), generator=torch.Generator().manual_seed(seed))
+    return torch.cat([torch.tensor([sot] * 3), text], dim=1)
+
+
+@torch.no_grad()
+def test_logits_match_openai_whisper(loaded, data_dir):
+    ours, reference = loaded
+    mel = _mels(data_dir)
+    tokens = _prompt(ours, 20)
+    audio = ours.embed_audio(mel)
+    assert (audio - reference.embed_audio(mel)).abs().max() <= 1e-3
+    diff = (ours.logits(tokens, audio) - reference.logits(tokens, reference.embed_audio(mel))).abs().max()
+    assert diff <= 1e-3, f"max |logit diff| {diff}"
+
+
+@torch.no_grad()
+def test_kv_cache_steps_equal_full_forward(loaded, data_dir):
+    ours, _ = loaded
+    audio = ours.embed_audio(_mels(data_dir))
+    tokens = _prompt(ours, 8, seed=1)
+    full = ours.logits(tokens, audio)
+    cache = ours.new_cache(batch_size=3, max_length=tokens.shape[1])
+    steps = [ours.logits(tokens[:, :5], audio, cache)]  # the prompt at once, then one token at a time
+    steps += [ours.logits(tokens[:, i : i + 1], audio, cache) for i in range(5, tokens.shape[1])]
+    assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-3
+    with pytest.raises(ValueError, match="KV cache holds"):
+        ours.logits(tokens[:, :1], audio, cache)
+
+
+def test_dimensions_match_published_table():
+    for name in MODELS:
+        dims, _ = read_checkpoint(name)
+        assert dims == MODEL_DIMS[name].__dict__
+
+
+def test_openai_checkpoint_round_trip(tmp_path):
+    model = load_model("tiny.en", device="cpu")
+    path = tmp_path / "tiny.en.pt"
+    save_checkpoint(model, path)
+    again = load_model(path, device="cpu")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]), name
+    # openai-whisper reads what we write
+    checkpoint = torch.load(path, weights_only=True)
+    reference = whisper.model.Whisper(whisper.model.ModelDimensions(**checkpoint["dims"]))
+    reference.load_state_dict(checkpoint["model_state_dict"])
+
+
+@torch.no_grad()
+def test_hugging_face_folder_gives_the_same_model(tmp_path):
+    """A real transformers model, saved as config.json + model.safetensors, loads as the same function."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    config = WhisperConfig(
+        vocab_size=51864, num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256,
+        max_source_positions=1500, max_target_positions=448,
+    )
+    torch.manual_seed(0)
+    hf = WhisperForConditionalGeneration(config).eval()
+    hf.save_pretrained(tmp_path)
+    ours = load_model(tmp_path, device="cpu")
+    mel, tokens = torch.randn(2, 80, 3000), torch.tensor([[50257, 50362, 400, 500]] * 2)
+    expected = hf(input_features=mel, decoder_input_ids=tokens).logits
+    assert (ours(mel, tokens) - expected).abs().max() <= 1e-4
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(FileNotFoundError, match="unknown model 'tiny.xx'"):
+        load_model("tiny.xx")
+    with pytest.raises(FileNotFoundError, match="not installed"):
+        load_model("large-v2")  # a real name whose weights are not here
+
+
+def test_corrupt_and_truncated_weights_are_clear_errors(tmp_path):
+    (source,) = find_model_files("tiny.en")
+    truncated = tmp_path / "truncated" / "model.bin"
+    truncated.parent.mkdir()
+    truncated.write_bytes(source.read_bytes()[: 5_000_000])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_model(truncated.parent)
+
+    garbage = tmp_path / "model.bin"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(CheckpointError):
+        load_model(garbage)
+
+    not_a_checkpoint = tmp_path / "notes.pt"
+    not_a_checkpoint.write_text("hello")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        load_model(not_a_checkpoint)
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path):
+    model = load_model("tiny.en", device="cpu")
+    state = model.state_dict()
+    state["decoder.ln.weight"] = torch.ones(7)
+    path = tmp_path / "bad.pt"
+    torch.save({"dims": model.dims.__dict__, "model_state_dict": state}, path)
+    with pytest.raises(CheckpointError, match=r"decoder\.ln\.weight: \(7,\)"):
+        load_model(path)
+    del state["decoder.ln.weight"]
+    torch.save({"dims": model.dims.__dict__, "model_state_dict": state}, path)
+    with pytest.raises(CheckpointError, match=r"missing \(1\): decoder\.ln\.weight"):
+        load_model(path)
+
+
+def test_split_base_package_needs_both_parts(tmp_path):
+    parts = find_model_files("base")
+    assert [p.name for p in parts] == ["model.bin.part1", "model.bin.part2"]
+    folder = tmp_path / "base"
+    folder.mkdir()
+    shutil.copy(parts[0], folder / "model.bin.part1")
+    with pytest.raises(FileNotFoundError, match="holds no Whisper checkpoint"):
+        load_model(folder)
