@@ -1,0 +1,147 @@
+"""Word error rate of a model on a speech set.
+
+    python evaluate.py --model base --data ../shared/data/test-clean [--limit N] [--batch-size 16] [--json report.json]
+
+Both sides are put through Whisper's English text normaliser (case, punctuation, spelled-out numbers,
+British spellings...) before jiwer counts substitutions, deletions and insertions, so "Mr. Smith paid
+$20." and "MISTER SMITH PAID TWENTY DOLLARS" agree. Clips up to 30 s are decoded in batches; longer
+recordings go window by window through transcribe().
+"""
+import argparse
+import json
+import sys
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import List, Optional
+
+import jiwer
+import torch
+from tqdm import tqdm
+
+from audio import SAMPLE_RATE, N_SAMPLES, AudioError, load_audio
+from data import Utterance, list_utterances
+from decoding import NO_FALLBACK, DecodingOptions, FallbackRules
+from model import Whisper, load_model
+from normalizer import EnglishTextNormalizer
+from transcribe import transcribe, transcribe_clips
+
+normalize = EnglishTextNormalizer()
+
+
+def word_error_rate(references: List[str], hypotheses: List[str]) -> dict:
+    """WER and its parts over normalised text; utterances whose reference normalises to nothing are not counted."""
+    pairs = [(normalize(r), normalize(h)) for r, h in zip(references, hypotheses)]
+    pairs = [(r, h) for r, h in pairs if r.strip()]
+    if not pairs:
+        raise ValueError("no utterance with a non-empty reference to score")
+    out = jiwer.process_words([r for r, _ in pairs], [h for _, h in pairs])
+    n_words = out.hits + out.substitutions + out.deletions
+    return dict(
+        wer=out.wer, substitutions=out.substitutions, deletions=out.deletions,
+        insertions=out.insertions, hits=out.hits, reference_words=n_words,
+    )
+
+
+def _load_all(utterances: List[Utterance]):
+    """Waveforms of the readable files; the rest are reported, not fatal."""
+    loaded, skipped = [], []
+    for utt in utterances:
+        try:
+            loaded.append((utt, load_audio(utt.audio)))
+        except (OSError, AudioError) as err:
+            warnings.warn(f"skipping {utt.audio}: {err}")
+            skipped.append({"id": utt.id, "audio": str(utt.audio), "error": str(err)})
+    return loaded, skipped
+
+
+@torch.no_grad()
+def evaluate(
+    model: Whisper,
+    utterances: List[Utterance],
+    options: DecodingOptions = DecodingOptions(without_timestamps=True),
+    rules: FallbackRules = FallbackRules(),
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict:
+    """Transcribe every utterance and score it: the report evaluate.py writes as JSON."""
+    loaded, skipped = _load_all([u for u in utterances if u.text is not None])
+    if not loaded:
+        raise ValueError("no readable utterance with a reference transcript")
+    clips = [(u, a) for u, a in loaded if len(a) <= N_SAMPLES]
+    long = [(u, a) for u, a in loaded if len(a) > N_SAMPLES]
+    hypotheses = {}
+    start = time.perf_counter()
+    with tqdm(total=len(loaded), desc="evaluate", unit="utt", disable=not progress, file=sys.stderr) as bar:
+        for i in range(0, len(clips), batch_size):
+            batch = clips[i : i + batch_size]
+            results = transcribe_clips(model, [a for _, a in batch], options, rules, batch_size)
+            hypotheses.update({u.id: r.text for (u, _), r in zip(batch, results)})
+            bar.update(len(batch))
+        for utt, waveform in long:
+            # Long recordings advance window by window on timestamps, so those stay on here.
+            hypotheses[utt.id] = transcribe(model, waveform, replace(options, without_timestamps=False), rules)["text"].strip()
+            bar.update(1)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    audio_seconds = sum(len(a) for _, a in loaded) / SAMPLE_RATE
+
+    scored = [u for u, _ in loaded]
+    report = word_error_rate([u.text for u in scored], [hypotheses[u.id] for u in scored])
+    report.update(
+        n_utterances=len(scored), audio_seconds=round(audio_seconds, 3),
+        elapsed_seconds=round(elapsed, 3), rtf=elapsed / audio_seconds, skipped=skipped,
+        utterances=[_utterance_report(u, hypotheses[u.id]) for u in scored],
+    )
+    return report
+
+
+def _utterance_report(utt: Utterance, hypothesis: str) -> dict:
+    reference, normalised = normalize(utt.text), normalize(hypothesis)
+    wer = jiwer.wer(reference, normalised) if reference.strip() else None
+    return dict(id=utt.id, audio=str(utt.audio), reference=utt.text, hypothesis=hypothesis, wer=wer)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Word error rate of a Whisper model on a speech set.")
+    parser.add_argument("--model", default="base", help="model name (tiny.en, base, ...) or checkpoint path")
+    parser.add_argument("--data", required=True, help="LibriSpeech-layout folder, JSONL manifest, or folder with .txt sidecars")
+    parser.add_argument("--speakers", default=None, help="comma-separated speaker ids to keep (LibriSpeech)")
+    parser.add_argument("--exclude-speakers", default=None, help="comma-separated speaker ids to leave out")
+    parser.add_argument("--limit", type=int, default=None, help="first N utterances only")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--beam-size", type=int, default=None, help="beam search width (default: greedy)")
+    parser.add_argument("--language", default="en", help="spoken language (default: en; 'auto' to detect)")
+    parser.add_argument("--no-fallback", action="store_true", help="temperature 0 only, no fallback")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--json", default=None, help="write the full report (per-utterance hypotheses) here")
+    args = parser.parse_args(argv)
+
+    split = lambda s: s.split(",") if s else None  # noqa: E731
+    utterances = list_utterances(args.data, split(args.speakers), split(args.exclude_speakers), args.limit)
+    try:
+        model = load_model(args.model, device=args.device)
+    except (OSError, ValueError) as err:  # unknown name, missing package, broken checkpoint
+        sys.exit(f"error: {err}")
+    language = None if args.language == "auto" else args.language
+    options = DecodingOptions(language=language, beam_size=args.beam_size, without_timestamps=True)
+    report = evaluate(model, utterances, options, NO_FALLBACK if args.no_fallback else FallbackRules(), args.batch_size)
+    report = {"model": str(args.model), "data": str(args.data), "device": str(model.device), **report}
+
+    print(
+        f"WER {100 * report['wer']:.2f}% on {report['n_utterances']} utterances ({report['reference_words']} words): "
+        f"{report['substitutions']} substitutions, {report['deletions']} deletions, {report['insertions']} insertions; "
+        f"RTF {report['rtf']:.3f} ({report['elapsed_seconds']:.1f} s for {report['audio_seconds']:.1f} s of audio)"
+    )
+    if report["skipped"]:
+        print(f"skipped {len(report['skipped'])} unreadable file(s): see the warnings above", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        print(f"report written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""Speech to text: batches of short clips, long recordings window by window, and the command line.
+
+    python transcribe.py AUDIO... [--model base] [--beam-size 5] [--device cpu] [--format txt|srt|json]
+
+- `transcribe_clips`: clips of up to 30 s, batched: one log-Mel call and one decode per batch.
+- `transcribe`: audio of any length, by sequential 30 s windows. Each window is decoded with timestamps;
+  the next window starts at the last complete timestamp pair, so no word is cut in two (openai/whisper's
+  scheme), and the text so far is the prompt for the next window.
+"""
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, load_audio, loudest_frame_db, pad_or_trim
+from decoding import (
+    NO_FALLBACK, TIME_PRECISION, DecodingOptions, DecodingResult, FallbackRules, decode_with_fallback, detect_language,
+)
+from kernels import log_mel_spectrogram
+from model import Whisper, load_model
+from tokenizer import get_tokenizer
+
+FRAMES_PER_TOKEN = 2  # the encoder's stride: one timestamp step (20 ms) is two Mel frames
+SILENCE_DB = -60.0  # a window whose loudest 100 ms is quieter than this holds no speech: not decoded
+
+
+def is_silent(waveform: np.ndarray) -> bool:
+    return loudest_frame_db(waveform) < SILENCE_DB
+
+
+def _as_waveform(audio) -> np.ndarray:
+    if isinstance(audio, (str, Path)):
+        return load_audio(audio)
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim != 1 or audio.size == 0:
+        raise ValueError(f"expected non-empty mono audio (samples,), got shape {audio.shape}")
+    return audio
+
+
+def clip_mels(clips: Sequence[np.ndarray], n_mels: int, device) -> torch.Tensor:
+    """Log-Mel of clips padded to 30 s: (B, n_mels, 3000), each normalised by its own maximum."""
+    too_long = [i for i, clip in enumerate(clips) if len(clip) > N_SAMPLES]
+    if too_long:
+        raise ValueError(f"clips {too_long[:5]} are longer than 30 s: use transcribe() for long audio")
+    batch = torch.from_numpy(np.stack([pad_or_trim(clip) for clip in clips])).to(device)
+    return log_mel_spectrogram(batch, n_mels=n_mels)
+
+
+@torch.no_grad()
+def transcribe_clips(
+    model: Whisper,
+    clips: Sequence,
+    options: DecodingOptions = DecodingOptions(without_timestamps=True),
+    rules: FallbackRules = FallbackRules(),
+    batch_size: int = 16,
+) -> List[DecodingResult]:
+    """One result per clip (<= 30 s each, arrays or paths), decoded batch_size at a time."""
+    waveforms = [_as_waveform(c) for c in clips]
+    results: List[DecodingResult] = [_silent_result(options) if is_silent(w) else None for w in waveforms]
+    speech = [i for i, r in enumerate(results) if r is None]
+    for start in range(0, len(speech), batch_size):
+        rows = speech[start : start + batch_size]
+        mel = clip_mels([waveforms[i] for i in rows], model.dims.n_mels, model.device)
+        for i, result in zip(rows, decode_with_fallback(model, mel, options, rules)):
+            results[i] = result
+    return results
+
+
+def _silent_result(options: DecodingOptions) -> DecodingResult:
+    return DecodingResult(
+        tokens=[], text="", language=options.language or "en", avg_logprob=0.0,
+        no_speech_prob=1.0, temperature=0.0, compression_ratio=0.0,
+    )
+
+
+@torch.no_grad()
+def transcribe(
+    model: Whisper,
+    audio,
+    options: DecodingOptions = DecodingOptions(),
+    rules: FallbackRules = FallbackRules(),
+    condition_on_previous_text: bool = True,
+    initial_prompt: Optional[str] = None,
+) -> dict:
+    """Transcribe audio of any length. Returns {"text", "language", "segments": [{start, end, text, ...}]}."""
+    waveform = _as_waveform(audio)
+    # One log-Mel for the whole recording (30 s of silence appended so the last window is full).
+    padded = torch.from_numpy(np.concatenate([waveform, np.zeros(N_SAMPLES, np.float32)])).to(model.device)
+    mel = log_mel_spectrogram(padded, n_mels=model.dims.n_mels)  # (n_mels, frames)
+    content_frames = mel.shape[-1] - N_FRAMES
+    if options.language is None and model.is_multilingual:  # one language for the whole recording
+        features = model.embed_audio(mel[None, :, :N_FRAMES].to(model.dtype))
+        multilingual = get_tokenizer(True, num_languages=model.num_languages)
+        options = replace(options, language=detect_language(model, features, multilingual)[0][0])
+    language = options.language or "en"
+    tokenizer = get_tokenizer(model.is_multilingual, num_languages=model.num_languages, language=language, task=options.task)
+
+    seek, segments, all_tokens, prompt_start = 0, [], [], 0
+    initial = tokenizer.encode(" " + initial_prompt.strip()) if initial_prompt else []
+    while seek < content_frames:
+        window_size = min(N_FRAMES, content_frames - seek)
+        if is_silent(waveform[seek * HOP_LENGTH : (seek + window_size) * HOP_LENGTH]):
+            seek += window_size
+            continue
+        window = pad_or_trim(mel[:, seek : seek + N_FRAMES], N_FRAMES)
+        prompt = initial + all_tokens[prompt_start:]
+        result = decode_with_fallback(model, window, replace(options, prompt=prompt or None), rules)[0]
+        if _is_silence(result, rules):
+            seek += window_size
+            continue
+        new_segments, advance = _split_segments(result, tokenizer, seek, window_size)
+        segments += new_segments
+        all_tokens += [t for s in new_segments for t in s["tokens"]]
+        seek += advance
+        if not condition_on_previous_text or result.temperature > 0.5:
+            prompt_start = len(all_tokens)  # a hot (unreliable) window must not steer the next
+    for i, segment in enumerate(segments):
+        segment["id"] = i
+    return {"text": "".join(s["text"] for s in segments), "language": language, "segments": segments}
+
+
+def _is_silence(result: DecodingResult, rules: FallbackRules) -> bool:
+    if rules.no_speech_threshold is None or result.no_speech_prob <= rules.no_speech_threshold:
+        return False
+    return rules.logprob_threshold is None or result.avg_logprob <= rules.logprob_threshold
+
+
+def _split_segments(result: DecodingResult, tokenizer, seek: int, window_size: int):
+    """Cut a window's tokens into timestamped segments; return them and how many frames to advance."""
+    tokens = torch.tensor(result.tokens, dtype=torch.long)
+    time_offset = seek * HOP_LENGTH / SAMPLE_RATE
+    is_timestamp = tokens.ge(tokenizer.timestamp_begin)
+    ends_with_single_timestamp = is_timestamp[-2:].tolist() == [False, True]
+    pair_ends = (torch.where(is_timestamp[:-1] & is_timestamp[1:])[0] + 1).tolist()
+
+    def segment(start: float, end: float, seg_tokens: List[int]) -> dict:
+        text_tokens = [t for t in seg_tokens if t < tokenizer.eot]
+        text = tokenizer.decode(text_tokens)
+        if start == end or not text.strip():  # instantaneous or empty: keep the time, drop the text
+            text, seg_tokens = "", []
+        return dict(
+            seek=seek, start=round(start, 3), end=round(end, 3), text=text, tokens=seg_tokens,
+            temperature=result.temperature, avg_logprob=result.avg_logprob,
+            compression_ratio=result.compression_ratio, no_speech_prob=result.no_speech_prob,
+        )
+
+    def time_of(token: int) -> float:
+        return time_offset + (token - tokenizer.timestamp_begin) * TIME_PRECISION
+
+    if pair_ends:
+        if ends_with_single_timestamp:
+            pair_ends.append(len(tokens))
+        segments, last = [], 0
+        for end in pair_ends:
+            piece = result.tokens[last:end]
+            segments.append(segment(time_of(piece[0]), time_of(piece[-1]), piece))
+            last = end
+        if ends_with_single_timestamp:  # the text ran to the end of the window
+            return segments, window_size
+        # Resume at the last complete timestamp: the rest of this window is decoded again next time.
+        return segments, (result.tokens[last - 1] - tokenizer.timestamp_begin) * FRAMES_PER_TOKEN
+
+    duration = window_size * HOP_LENGTH / SAMPLE_RATE
+    timestamps = tokens[is_timestamp].tolist()
+    if timestamps and timestamps[-1] != tokenizer.timestamp_begin:
+        duration = (timestamps[-1] - tokenizer.timestamp_begin) * TIME_PRECISION
+    return [segment(time_offset, time_offset + duration, result.tokens)], window_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Output formats
+
+
+def format_timestamp(seconds: float, decimal_marker: str = ",") -> str:
+    milliseconds = round(seconds * 1000)
+    hours, milliseconds = divmod(milliseconds, 3_600_000)
+    minutes, milliseconds = divmod(milliseconds, 60_000)
+    seconds, milliseconds = divmod(milliseconds, 1000)
+    return f"{hours:02d}:{minutes:02d}:{seconds:02d}{decimal_marker}{milliseconds:03d}"
+
+
+def to_srt(result: dict) -> str:
+    blocks, n = [], 0
+    for segment in result["segments"]:
+        if not segment["text"].strip():
+            continue
+        n += 1
+        span = f"{format_timestamp(segment['start'])} --> {format_timestamp(segment['end'])}"
+        blocks.append(f"{n}\n{span}\n{segment['text'].strip()}\n")
+    return "\n".join(blocks)
+
+
+def to_json(path: str, result: dict) -> dict:
+    keep = ("id", "start", "end", "text", "avg_logprob", "no_speech_prob", "temperature", "compression_ratio")
+    return {
+        "file": path, "language": result["language"], "text": result["text"].strip(),
+        "segments": [{k: s[k] for k in keep} for s in result["segments"]],
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Transcribe audio files with Whisper.")
+    parser.add_argument("audio", nargs="+", help="audio files (any rate or channel count soundfile reads)")
+    parser.add_argument("--model", default="base", help="model name (tiny.en, base, ...) or checkpoint path")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--beam-size", type=int, default=None, help="beam search width (default: greedy)")
+    parser.add_argument("--patience", type=float, default=None, help="beam search patience")
+    parser.add_argument("--best-of", type=int, default=5, help="samples per window when falling back to temperature > 0")
+    parser.add_argument("--language", default=None, help="spoken language (default: detect, or en for .en models)")
+    parser.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
+    parser.add_argument("--format", default="txt", choices=["txt", "srt", "json"])
+    parser.add_argument("--no-fallback", action="store_true", help="decode at temperature 0 only")
+    parser.add_argument("--no-condition", action="store_true", help="do not prompt each window with the text before it")
+    parser.add_argument("--initial-prompt", default=None, help="text to prompt the first window with")
+    args = parser.parse_args(argv)
+
+    try:
+        model = load_model(args.model, device=args.device)
+    except (OSError, ValueError) as err:  # unknown name, missing package, broken checkpoint
+        sys.exit(f"error: {err}")
+    options = DecodingOptions(
+        task=args.task, language=args.language, beam_size=args.beam_size, patience=args.patience, best_of=args.best_of
+    )
+    rules = NO_FALLBACK if args.no_fallback else FallbackRules()
+    failures = 0
+    for path in args.audio:
+        try:
+            result = transcribe(model, path, options, rules, not args.no_condition, args.initial_prompt)
+        except (OSError, ValueError) as err:
+            print(f"error: {path}: {err}", file=sys.stderr)
+            failures += 1
+            continue
+        if args.format == "json":
+            print(json.dumps(to_json(path, result), ensure_ascii=False))
+        elif args.format == "srt":
+            print(to_srt(result))
+        else:
+            prefix = f"{path}: " if len(args.audio) > 1 else ""
+            print(prefix + result["text"].strip())
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
