@@ -107,7 +107,7 @@ def _utterance_report(utt: Utterance, hypothesis: str) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Word error rate of a Whisper model on a speech set.")
     parser.add_argument("--model", default="base", help="model name (tiny.en, base, ...) or checkpoint path")
-    parser.add_argument("--data", required=True, help="LibriSpeech-layout folder, JSONL manifest, or folder with .txt sidecars")
+    parser.add_argument("--data", required=True, nargs="+", help="LibriSpeech-layout folder(s), JSONL manifest(s), or folder(s) with .txt sidecars")
     parser.add_argument("--speakers", default=None, help="comma-separated speaker ids to keep (LibriSpeech)")
     parser.add_argument("--exclude-speakers", default=None, help="comma-separated speaker ids to leave out")
     parser.add_argument("--limit", type=int, default=None, help="first N utterances only")
@@ -120,7 +120,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     split = lambda s: s.split(",") if s else None  # noqa: E731
-    utterances = list_utterances(args.data, split(args.speakers), split(args.exclude_speakers), args.limit)
+    utterances = [u for source in args.data for u in list_utterances(source, split(args.speakers), split(args.exclude_speakers))]
+    utterances = utterances[: args.limit] if args.limit else utterances
     try:
         model = load_model(args.model, device=args.device)
     except (OSError, ValueError) as err:  # unknown name, missing package, broken checkpoint
@@ -128,7 +129,7 @@ def main(argv=None):
     language = None if args.language == "auto" else args.language
     options = DecodingOptions(language=language, beam_size=args.beam_size, without_timestamps=True)
     report = evaluate(model, utterances, options, NO_FALLBACK if args.no_fallback else FallbackRules(), args.batch_size)
-    report = {"model": str(args.model), "data": str(args.data), "device": str(model.device), **report}
+    report = {"model": str(args.model), "data": args.data, "device": str(model.device), **report}
 
     print(
         f"WER {100 * report['wer']:.2f}% on {report['n_utterances']} utterances ({report['reference_words']} words): "

@@ -241,8 +241,12 @@ class Whisper(nn.Module):
     def logits(self, tokens: Tensor, audio_features: Tensor, cache: Optional[KVCache] = None) -> Tensor:
         return self.decoder(tokens, audio_features, cache)
 
-    def forward(self, mel: Tensor, tokens: Tensor) -> Tensor:
-        return self.decoder(tokens, self.encoder(mel))
+    def forward(self, mel: Optional[Tensor], tokens: Tensor, audio_features: Optional[Tensor] = None) -> Tensor:
+        """Teacher-forced logits (B, T, n_vocab). `audio_features` skips the encoder: distillation passes
+        the output of a frozen encoder it shares with the teacher, computed once for both."""
+        if audio_features is None:
+            audio_features = self.encoder(mel)
+        return self.decoder(tokens, audio_features)
 
     def new_cache(self, batch_size: int, max_length: Optional[int] = None) -> KVCache:
         """An empty KV cache for decoding `batch_size` rows of up to `max_length` tokens."""

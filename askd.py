@@ -1,0 +1,162 @@
+"""Adaptive Self-Knowledge Distillation (ASKD): the loss and its schedule.
+
+The paper (arXiv 2601.19919) states the shape of the method, not its formulas: distillation in which the
+teacher's weight decays as training progresses (a curriculum), followed by a self-knowledge-distillation
+phase that acts as a regulariser. Our reading, with every choice configurable (ASKDConfig):
+
+  progress p = step / total_steps in [0, 1]
+  Phase A, p <= p_A (teacher curriculum):
+      L = CE(y, S) + lambda(p) * T^2 * KL(softmax(z_T / T) || softmax(z_S / T))
+      lambda decays from lambda_0 to lambda_min: linear (default), cosine, exponential, or adaptive
+      (lambda follows how much of the student's label-loss gap to the teacher is still open, so the
+      teacher's pull fades as the student catches up, whatever the step count).
+  Phase B, p > p_A (progressive self-distillation, as PS-KD):
+      L = CE(y, S) + mu(p) * T^2 * KL(softmax(z_S~ / T) || softmax(z_S / T))
+      S~ is a frozen snapshot of the student, refreshed every `self_refresh` steps; mu grows linearly
+      from lambda_min (continuing where phase A ended) to mu_max, trusting the self-teacher more as it improves.
+
+Baselines under the same budget: "ce" (labels only) and "kd" (static: 0.8 * CE + T^2 * KL, as distil-whisper).
+The KL goes through kernels.kl_div: the fused Triton kernel on GPU, the reference on CPU.
+"""
+import math
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from data import IGNORE_LABEL as IGNORE
+from kernels import kl_div
+
+METHODS = ("askd", "kd", "ce")
+SCHEDULES = ("linear", "cosine", "exponential", "adaptive")
+
+
+@dataclass
+class ASKDConfig:
+    method: str = "askd"
+    temperature: float = 2.0
+    lambda_start: float = 1.0  # lambda_0: teacher weight at the start of phase A
+    lambda_min: float = 0.1  # teacher weight at the end of phase A
+    schedule: str = "linear"  # how lambda decays in phase A
+    phase_a_end: float = 0.7  # p_A: fraction of training with the teacher
+    mu_max: float = 0.5  # self-distillation weight at the end of training
+    self_refresh: int = 100  # steps between refreshes of the self-teacher snapshot
+    kd_ce_weight: float = 0.8  # static KD baseline: weight of CE (KL weight 1), as distil-whisper
+    adaptive_momentum: float = 0.9  # EMA of the label losses that drive the adaptive schedule
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0.0 <= self.phase_a_end <= 1.0:
+            raise ValueError(f"phase_a_end must be in [0, 1], got {self.phase_a_end}")
+        if self.temperature <= 0 or self.self_refresh < 1:
+            raise ValueError("temperature must be > 0 and self_refresh >= 1")
+
+
+class ASKDSchedule:
+    """Which phase training is in, and the weight of the soft targets at each step."""
+
+    def __init__(self, config: ASKDConfig):
+        self.config = config
+        self.student_ce: Optional[float] = None  # running (EMA) label losses, for the adaptive schedule
+        self.teacher_ce: Optional[float] = None
+        self.initial_gap: Optional[float] = None
+
+    def phase(self, progress: float) -> str:
+        """Where the soft targets come from: the teacher (phase A, and kd throughout), the student's own
+        snapshot (phase B), or nowhere (ce)."""
+        if self.config.method == "ce":
+            return "none"
+        if self.config.method == "kd" or progress <= self.config.phase_a_end:
+            return "teacher"
+        return "self"
+
+    def soft_weight(self, progress: float) -> float:
+        """lambda(p) in phase A, mu(p) in phase B; 1 for kd, 0 for ce."""
+        c = self.config
+        if c.method == "ce":
+            return 0.0
+        if c.method == "kd":
+            return 1.0
+        if self.phase(progress) == "teacher":
+            return self._lambda(min(progress / c.phase_a_end, 1.0) if c.phase_a_end > 0 else 1.0)
+        ramp = (progress - c.phase_a_end) / (1.0 - c.phase_a_end)
+        return c.lambda_min + (c.mu_max - c.lambda_min) * ramp
+
+    def ce_weight(self) -> float:
+        return self.config.kd_ce_weight if self.config.method == "kd" else 1.0
+
+    def _lambda(self, x: float) -> float:
+        """Teacher weight at fraction x in [0, 1] of phase A."""
+        c = self.config
+        span = c.lambda_start - c.lambda_min
+        if c.schedule == "linear":
+            decay = 1.0 - x
+        elif c.schedule == "cosine":
+            decay = 0.5 * (1.0 + math.cos(math.pi * x))
+        elif c.schedule == "exponential":  # falls to 1 % of the span by the end of phase A
+            decay = (math.exp(-math.log(100.0) * x) - 0.01) / 0.99
+        else:
+            decay = self._open_gap()
+        return c.lambda_min + span * decay
+
+    def _open_gap(self) -> float:
+        """Fraction of the initial (student CE - teacher CE) gap still open, in [0, 1]."""
+        if self.initial_gap is None or self.initial_gap <= 0:
+            return 1.0
+        gap = self.student_ce - self.teacher_ce
+        return min(max(gap / self.initial_gap, 0.0), 1.0)
+
+    def observe(self, student_ce: float, teacher_ce: Optional[float]):
+        """Feed this step's label losses (the adaptive schedule reads their running averages)."""
+        if teacher_ce is None:
+            return
+        m = self.config.adaptive_momentum
+        if self.student_ce is None:
+            self.student_ce, self.teacher_ce = student_ce, teacher_ce
+            self.initial_gap = student_ce - teacher_ce
+        else:
+            self.student_ce = m * self.student_ce + (1 - m) * student_ce
+            self.teacher_ce = m * self.teacher_ce + (1 - m) * teacher_ce
+
+    def state_dict(self) -> Dict:
+        return dict(student_ce=self.student_ce, teacher_ce=self.teacher_ce, initial_gap=self.initial_gap)
+
+    def load_state_dict(self, state: Dict):
+        self.student_ce, self.teacher_ce, self.initial_gap = state["student_ce"], state["teacher_ce"], state["initial_gap"]
+
+
+def label_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy over the positions that have a label. logits (B, T, V), labels (B, T)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    labels: Tensor,
+    soft_logits: Optional[Tensor],
+    soft_weight: float,
+    ce_weight: float,
+    temperature: float,
+) -> Dict[str, Tensor]:
+    """ce_weight * CE(labels, student) + soft_weight * T^2 * KL(softmax(soft/T) || softmax(student/T)).
+
+    student_logits, soft_logits (B, T, V); labels (B, T) with IGNORE where no loss is taken; the KL
+    is averaged over the same labelled positions as the CE.
+    """
+    ce = label_loss(student_logits, labels)
+    total = ce_weight * ce
+    kl = torch.zeros((), device=ce.device)
+    if soft_logits is not None and soft_weight > 0:
+        mask = labels.flatten() != IGNORE
+        kl = kl_div(student_logits.flatten(0, 1), soft_logits.flatten(0, 1).detach(), temperature, mask)
+        total = total + soft_weight * kl
+    return dict(loss=total, ce=ce, kl=kl)
+
+
+def config_dict(config: ASKDConfig) -> Dict:
+    return asdict(config)
