@@ -14,7 +14,7 @@ import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import jiwer
 import torch
