@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from graphs import static_step
 from model import Whisper
 from tokenizer import Tokenizer, get_tokenizer
 
@@ -38,6 +39,7 @@ class DecodingOptions:
     suppress_blank: bool = True  # no blank or <|endoftext|> as the first token
     without_timestamps: bool = False  # True: <|notimestamps|>, text only
     max_initial_timestamp: Optional[float] = 1.0  # seconds: the first timestamp may not be later
+    static_step: bool = False  # fixed-shape decoder steps, replayed as a CUDA graph on GPU (graphs.py)
 
 
 @dataclass
@@ -295,7 +297,7 @@ def decode(model: Whisper, mel: Tensor, options: DecodingOptions = DecodingOptio
     tokens = torch.tensor(prompts, device=model.device).repeat_interleave(n_group, dim=0)  # (B*G, L)
     audio_features = audio_features.repeat_interleave(n_group, dim=0)
     tokens, sum_logprobs, no_speech_probs = _sample(
-        model, audio_features, tokens, decoder, filters, sample_len, sot_index, tokenizer.no_speech
+        model, audio_features, tokens, decoder, filters, sample_len, sot_index, tokenizer.no_speech, options.static_step
     )
     no_speech_probs = no_speech_probs[::n_group]  # rows of one utterance share the audio
     tokens = tokens.view(n_audio, n_group, -1)
@@ -318,22 +320,28 @@ def decode(model: Whisper, mel: Tensor, options: DecodingOptions = DecodingOptio
     return results
 
 
-def _sample(model, audio_features, tokens, decoder, filters, sample_len, sot_index, no_speech):
+def _sample(model, audio_features, tokens, decoder, filters, sample_len, sot_index, no_speech, use_static_step=False):
     """The loop: one decoder step per token for the whole batch, on the KV cache."""
     n_ctx = model.dims.n_text_ctx
-    cache = model.new_cache(tokens.shape[0], max_length=tokens.shape[1] + sample_len)
+    if use_static_step:
+        step = static_step(model, tokens.shape[0])
+        cache, run_prompt, run_token = step.cache, step.start, step
+    else:
+        cache = model.new_cache(tokens.shape[0], max_length=tokens.shape[1] + sample_len)
+        run_prompt = run_token = lambda new, features=None: model.logits(new, audio_features, cache)  # noqa: E731
     sum_logprobs = torch.zeros(tokens.shape[0], device=tokens.device)
     no_speech_probs = [float("nan")] * tokens.shape[0]
     for i in range(sample_len):
-        new_tokens = tokens if i == 0 else tokens[:, -1:]  # the cache holds the rest
-        logits = model.logits(new_tokens, audio_features, cache)  # (N, T, V)
         if i == 0:
+            logits = run_prompt(tokens, audio_features)  # (N, T, V); fills the cache
             no_speech_probs = logits[:, sot_index].softmax(dim=-1)[:, no_speech].tolist()
-        logits = logits[:, -1]
+        else:
+            logits = run_token(tokens[:, -1:])  # (N, 1, V): the cache holds the rest
+        logits = logits[:, -1].clone()  # the filters write into it; a graph's output buffer must stay intact
         for logit_filter in filters:
             logit_filter.apply(logits, tokens)
         tokens, done = decoder.update(tokens, logits, sum_logprobs, cache)
-        if done or tokens.shape[1] > n_ctx:
+        if done or tokens.shape[1] > n_ctx or cache.length >= cache.max_length:
             break
     return tokens, sum_logprobs, no_speech_probs
 

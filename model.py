@@ -82,9 +82,9 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000) -> Tenso
 class KVCache:
     """What the decoder has already computed, so each new token costs one step, not a re-run.
 
-    Self-attention keys/values go into buffers preallocated for `max_length` tokens (no torch.cat
-    per step, and fixed shapes for CUDA graphs); cross-attention keys/values of the audio are
-    computed once, on the first step, and reused.
+    Self-attention keys/values go into buffers preallocated for `max_length` tokens: no torch.cat per
+    step, and fixed addresses and shapes, which CUDA graphs need. Cross-attention keys/values of the
+    audio are computed on the first step into buffers of their own, and reused.
     """
 
     def __init__(self, dims: ModelDimensions, batch_size: int, max_length: int, device, dtype):
@@ -92,12 +92,19 @@ class KVCache:
         shape = (dims.n_text_layer, batch_size, dims.n_text_head, max_length, head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.cross: list = [None] * dims.n_text_layer  # per layer: (k, v), each (B, H, 1500, head_dim)
+        self.cross_keys: Optional[Tensor] = None  # (layers, B, H, audio positions, head_dim), on first use
+        self.cross_values: Optional[Tensor] = None
+        self.cross_ready = [False] * dims.n_text_layer
         self.length = 0  # tokens cached so far (the position of the next token)
 
     @property
     def max_length(self) -> int:
         return self.keys.shape[3]
+
+    def reset(self):
+        """Empty the cache for new audio, keeping its buffers (and so any CUDA graph reading them)."""
+        self.length = 0
+        self.cross_ready = [False] * len(self.cross_ready)
 
     def extend(self, layer: int, k: Tensor, v: Tensor):
         """Store this step's (B, H, T, head_dim) keys/values; return all of them so far."""
@@ -108,44 +115,68 @@ class KVCache:
         self.values[layer, :, :, self.length : end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
+    def write_at(self, layer: int, k: Tensor, v: Tensor, position: Tensor):
+        """Static-shape step: store one token's (B, H, 1, head_dim) keys/values at `position`, a (1,)
+        tensor, and return the whole buffers; the caller masks what lies beyond the position."""
+        self.keys[layer].index_copy_(2, position, k)
+        self.values[layer].index_copy_(2, position, v)
+        return self.keys[layer], self.values[layer]
+
+    def store_cross(self, layer: int, k: Tensor, v: Tensor):
+        if self.cross_keys is None or self.cross_keys.shape[1:] != k.shape:
+            self.cross_keys = k.new_zeros((len(self.cross_ready), *k.shape))
+            self.cross_values = v.new_zeros((len(self.cross_ready), *v.shape))
+        self.cross_keys[layer].copy_(k)
+        self.cross_values[layer].copy_(v)
+        self.cross_ready[layer] = True
+
+    def cross(self, layer: int):
+        return self.cross_keys[layer], self.cross_values[layer]
+
     def reorder_beams(self, rows: Tensor):
-        """Beam search: row i continues old row rows[i]. Only self-attention moves: beams of one
-        utterance share its audio, so their cross-attention entries are already equal."""
+        """Beam search: row i continues old row rows[i], in place. Only self-attention moves: beams of
+        one utterance share its audio, so their cross-attention entries are already equal."""
         n = self.length
         self.keys[:, :, :, :n] = self.keys[:, rows, :, :n]
         self.values[:, :, :, :n] = self.values[:, rows, :, :n]
 
-    def select(self, rows: Tensor):
-        """Keep only these rows (finished utterances leave the batch)."""
-        self.keys, self.values = self.keys[:, rows], self.values[:, rows]
-        self.cross = [None if kv is None else (kv[0][rows], kv[1][rows]) for kv in self.cross]
-
 
 class MultiHeadAttention(nn.Module):
-    def __init__(self, n_state: int, n_head: int, causal: bool = False):
+    def __init__(self, n_state: int, n_head: int, causal: bool = False, cross: bool = False):
         super().__init__()
         self.n_head = n_head
         self.causal = causal  # the decoder's self-attention: token i sees tokens <= i
+        self.cross = cross  # attends over the audio features instead of x
         self.query = Linear(n_state, n_state)
         self.key = Linear(n_state, n_state, bias=False)
         self.value = Linear(n_state, n_state)
         self.out = Linear(n_state, n_state)
 
-    def forward(self, x: Tensor, source: Optional[Tensor] = None, cache: Optional[KVCache] = None, layer: int = 0):
-        """x (B, T, D): self-attention when `source` is None, else cross-attention over `source` (B, S, D)."""
+    def forward(self, x: Tensor, source: Optional[Tensor] = None, cache: Optional[KVCache] = None,
+                layer: int = 0, position: Optional[Tensor] = None) -> Tensor:
+        """x (B, T, D) -> (B, T, D). Cross-attention reads `source` (B, S, D), or the cache once filled.
+        `position` (a (1,) tensor) marks a static-shape single-token step: see KVCache.write_at."""
         q = self._heads(self.query(x))  # (B, H, T, hd)
-        if source is None:
+        if self.cross:
+            out = F.scaled_dot_product_attention(q, *self._cross_kv(source, cache, layer))
+        elif position is not None:
+            k, v = cache.write_at(layer, self._heads(self.key(x)), self._heads(self.value(x)), position)
+            visible = (torch.arange(k.shape[2], device=x.device) <= position)[None]  # (1, max_length)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        else:
             k, v = self._heads(self.key(x)), self._heads(self.value(x))
             if cache is not None:
                 k, v = cache.extend(layer, k, v)
-        elif cache is not None and cache.cross[layer] is not None:
-            k, v = cache.cross[layer]
-        else:
-            k, v = self._heads(self.key(source)), self._heads(self.value(source))
-            if cache is not None:
-                cache.cross[layer] = (k, v)
-        out = self._attend(q, k, v, causal=self.causal and source is None)  # (B, H, T, hd)
+            out = self._attend(q, k, v, causal=self.causal)
         return self.out(out.transpose(1, 2).flatten(2))  # (B, T, D)
+
+    def _cross_kv(self, source: Optional[Tensor], cache: Optional[KVCache], layer: int):
+        if cache is not None and cache.cross_ready[layer]:
+            return cache.cross(layer)
+        k, v = self._heads(self.key(source)), self._heads(self.value(source))
+        if cache is not None:
+            cache.store_cross(layer, k, v)
+        return k, v
 
     def _heads(self, x: Tensor) -> Tensor:  # (B, T, D) -> (B, H, T, hd)
         return x.view(*x.shape[:2], self.n_head, -1).transpose(1, 2)
@@ -167,13 +198,14 @@ class ResidualAttentionBlock(nn.Module):
         super().__init__()
         self.attn = MultiHeadAttention(n_state, n_head, causal=cross_attention)  # decoder blocks are causal
         self.attn_ln = LayerNorm(n_state)
-        self.cross_attn = MultiHeadAttention(n_state, n_head) if cross_attention else None
+        self.cross_attn = MultiHeadAttention(n_state, n_head, cross=True) if cross_attention else None
         self.cross_attn_ln = LayerNorm(n_state) if cross_attention else None
         self.mlp = nn.Sequential(Linear(n_state, 4 * n_state), nn.GELU(), Linear(4 * n_state, n_state))
         self.mlp_ln = LayerNorm(n_state)
 
-    def forward(self, x: Tensor, audio: Optional[Tensor] = None, cache: Optional[KVCache] = None, layer: int = 0):
-        x = x + self.attn(self.attn_ln(x), cache=cache, layer=layer)
+    def forward(self, x: Tensor, audio: Optional[Tensor] = None, cache: Optional[KVCache] = None, layer: int = 0,
+                position: Optional[Tensor] = None):
+        x = x + self.attn(self.attn_ln(x), cache=cache, layer=layer, position=position)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.cross_attn_ln(x), audio, cache=cache, layer=layer)
         return x + self.mlp(self.mlp_ln(x))
@@ -223,6 +255,19 @@ class TextDecoder(nn.Module):
             x = block(x, audio, cache=cache, layer=layer)
         if cache is not None:
             cache.length += tokens.shape[1]
+        return self._logits(x)
+
+    def step(self, tokens: Tensor, position: Tensor, cache: KVCache) -> Tensor:
+        """One token per row at `position` (a (1,) tensor), with every shape fixed: the same kernels
+        run at every position, so the step can be captured once as a CUDA graph and replayed.
+        Needs a cache already holding the prompt and the audio's cross-attention. tokens (B, 1)."""
+        x = self.token_embedding(tokens) + self.positional_embedding[position]  # (B, 1, D)
+        x = x.to(cache.keys.dtype)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, None, cache=cache, layer=layer, position=position)
+        return self._logits(x)
+
+    def _logits(self, x: Tensor) -> Tensor:
         x = self.ln(x)
         # The output projection is tied to the token embedding.
         return (x @ self.token_embedding.weight.to(x.dtype).T).float()

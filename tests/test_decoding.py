@@ -156,3 +156,13 @@ def test_cli_formats_and_bad_files(data_dir, tmp_path):
     assert "notes.flac" in run.stderr and "missing.wav" in run.stderr
     run = _cli(jfk, "--model", "no-such-model")
     assert run.returncode != 0 and "unknown model 'no-such-model'" in run.stderr
+
+
+def test_static_step_decoding_gives_the_same_tokens(models, dev_clips):
+    """The CUDA-graph path's fixed-shape steps (run eagerly on CPU) decode exactly as the ordinary path."""
+    ours, _ = models
+    mel = clip_mels([a for _, a in dev_clips[:3]], ours.dims.n_mels, "cpu")
+    for options in (dict(without_timestamps=True), dict(), dict(beam_size=2, without_timestamps=True)):
+        plain = decode(ours, mel, DecodingOptions(language="en", **options))
+        static = decode(ours, mel, DecodingOptions(language="en", static_step=True, **options))
+        assert [r.tokens for r in plain] == [r.tokens for r in static], options

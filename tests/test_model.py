@@ -149,3 +149,20 @@ def test_split_base_package_needs_both_parts(tmp_path):
     shutil.copy(parts[0], folder / "model.bin.part1")
     with pytest.raises(FileNotFoundError, match="holds no Whisper checkpoint"):
         load_model(folder)
+
+
+@torch.no_grad()
+def test_static_step_equals_ordinary_step(loaded, data_dir):
+    """The fixed-shape step (what a CUDA graph replays) computes the same logits at every position."""
+    ours, _ = loaded
+    audio = ours.embed_audio(_mels(data_dir))
+    tokens = _prompt(ours, 6, seed=2)
+    prompt_length = tokens.shape[1] - 6
+    expected = ours.logits(tokens, audio)[:, prompt_length:]
+    cache = ours.new_cache(batch_size=3, max_length=ours.dims.n_text_ctx)
+    ours.logits(tokens[:, :prompt_length], audio, cache)
+    steps = []
+    for i in range(prompt_length, tokens.shape[1]):
+        steps.append(ours.decoder.step(tokens[:, i : i + 1], torch.tensor([cache.length]), cache))
+        cache.length += 1
+    assert (torch.cat(steps, dim=1) - expected).abs().max() <= 1e-3
