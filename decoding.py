@@ -40,6 +40,7 @@ class DecodingOptions:
     without_timestamps: bool = False  # True: <|notimestamps|>, text only
     max_initial_timestamp: Optional[float] = 1.0  # seconds: the first timestamp may not be later
     static_step: bool = False  # fixed-shape decoder steps, replayed as a CUDA graph on GPU (graphs.py)
+    seed: Optional[int] = 0  # sampling (temperature > 0) draws from a generator seeded so: same input, same text
 
 
 @dataclass
@@ -126,14 +127,15 @@ class ApplyTimestampRules:
 
 
 class GreedyDecoder:
-    def __init__(self, temperature: float, eot: int):
-        self.temperature, self.eot = temperature, eot
+    def __init__(self, temperature: float, eot: int, generator: Optional[torch.Generator] = None):
+        self.temperature, self.eot, self.generator = temperature, eot, generator
 
     def update(self, tokens: Tensor, logits: Tensor, sum_logprobs: Tensor, cache) -> Tuple[Tensor, bool]:
         if self.temperature == 0:
             next_tokens = logits.argmax(dim=-1)
         else:
-            next_tokens = torch.distributions.Categorical(logits=logits / self.temperature).sample()
+            probs = F.softmax(logits.float() / self.temperature, dim=-1)
+            next_tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
         logprobs = F.log_softmax(logits.float(), dim=-1)
         current = logprobs[torch.arange(logprobs.shape[0]), next_tokens]
         finished = tokens[:, -1] == self.eot
@@ -292,7 +294,10 @@ def decode(model: Whisper, mel: Tensor, options: DecodingOptions = DecodingOptio
     if options.beam_size is not None:
         decoder = BeamSearchDecoder(options.beam_size, tokenizer.eot, options.patience)
     else:
-        decoder = GreedyDecoder(options.temperature, tokenizer.eot)
+        generator = None
+        if options.seed is not None and options.temperature > 0:
+            generator = torch.Generator(device=model.device).manual_seed(options.seed)
+        decoder = GreedyDecoder(options.temperature, tokenizer.eot, generator)
 
     tokens = torch.tensor(prompts, device=model.device).repeat_interleave(n_group, dim=0)  # (B*G, L)
     audio_features = audio_features.repeat_interleave(n_group, dim=0)

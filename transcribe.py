@@ -217,6 +217,8 @@ def main(argv=None):
     parser.add_argument("--no-fallback", action="store_true", help="decode at temperature 0 only")
     parser.add_argument("--no-condition", action="store_true", help="do not prompt each window with the text before it")
     parser.add_argument("--initial-prompt", default=None, help="text to prompt the first window with")
+    parser.add_argument("--static-step", action="store_true", help="fixed-shape decoder steps, replayed as a CUDA graph on GPU")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling used by temperature fallback")
     args = parser.parse_args(argv)
 
     try:
@@ -224,7 +226,8 @@ def main(argv=None):
     except (OSError, ValueError) as err:  # unknown name, missing package, broken checkpoint
         sys.exit(f"error: {err}")
     options = DecodingOptions(
-        task=args.task, language=args.language, beam_size=args.beam_size, patience=args.patience, best_of=args.best_of
+        task=args.task, language=args.language, beam_size=args.beam_size, patience=args.patience,
+        best_of=args.best_of, static_step=args.static_step, seed=args.seed,
     )
     rules = NO_FALLBACK if args.no_fallback else FallbackRules()
     failures = 0

@@ -166,3 +166,13 @@ def test_static_step_decoding_gives_the_same_tokens(models, dev_clips):
         plain = decode(ours, mel, DecodingOptions(language="en", **options))
         static = decode(ours, mel, DecodingOptions(language="en", static_step=True, **options))
         assert [r.tokens for r in plain] == [r.tokens for r in static], options
+
+
+def test_sampling_is_reproducible_with_a_seed(dev_clips):
+    model = load_model("tiny.en", device="cpu")
+    mel = clip_mels([a for _, a in dev_clips[:2]], 80, "cpu")
+    hot = DecodingOptions(language="en", without_timestamps=True, temperature=1.0, best_of=2)
+    first, again = decode(model, mel, hot), decode(model, mel, hot)
+    assert [r.tokens for r in first] == [r.tokens for r in again]
+    other = decode(model, mel, DecodingOptions(**{**hot.__dict__, "seed": 1}))
+    assert [r.tokens for r in other] != [r.tokens for r in first]
