@@ -20,3 +20,15 @@ def data_dir() -> Path:
     if not (root / "test-clean").is_dir():
         pytest.fail(f"speech data not found at {root}; set FASTWHISPER_DATA to the shared data folder")
     return root
+
+
+@pytest.fixture(scope="session")
+def transcript_lines(data_dir) -> list:
+    """Every reference line in the shared data: LibriSpeech trans.txt, long-form .txt, jfk.txt."""
+    lines = []
+    for path in sorted(data_dir.rglob("*.trans.txt")):
+        lines += [line.partition(" ")[2] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for path in sorted((data_dir / "longform").glob("*.txt")):
+        lines += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert len(lines) > 500, "expected the LibriSpeech transcripts under data_dir"
+    return lines

@@ -103,17 +103,6 @@ EXPECTED = {  # written out by hand, so the tests stand on their own as well
 }
 
 
-def transcripts(data_dir):
-    """Every reference line in the shared data: LibriSpeech trans.txt, long-form .txt, jfk.txt."""
-    lines = []
-    for path in sorted(data_dir.rglob("*.trans.txt")):
-        lines += [line.partition(" ")[2] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    for path in sorted((data_dir / "longform").glob("*.txt")):
-        lines += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    assert len(lines) > 500, "expected the LibriSpeech transcripts under data_dir"
-    return lines
-
-
 def punctuated(text, rng):
     """A transcript as a person might write it: sentence case, commas, quotes, an aside, a full stop."""
     words = text.lower().split()
@@ -140,9 +129,9 @@ def assert_same(ours, theirs, texts):
         assert ours(text) == theirs(text), f"different output for {text!r}"
 
 
-def test_english_matches_openai_on_transcripts(english, data_dir):
+def test_english_matches_openai_on_transcripts(english, data_dir, transcript_lines):
     rng = random.Random(0)
-    texts = transcripts(data_dir)
+    texts = transcript_lines
     assert_same(*english, texts + [t.lower() for t in texts] + [punctuated(t, rng) for t in texts])
 
 
@@ -166,8 +155,8 @@ def test_numbers_match_openai_on_random_number_phrases():
 
 
 @pytest.mark.parametrize("options", [{}, {"remove_diacritics": True}, {"split_letters": True}])
-def test_basic_matches_openai(options, data_dir):
-    texts = TRICKY + transcripts(data_dir)[:50] + ["Ελληνικά καλημέρα", "中文测试，你好。", "हिन्दी नमस्ते", "Œuvre Łódź"]
+def test_basic_matches_openai(options, data_dir, transcript_lines):
+    texts = TRICKY + transcript_lines[:50] + ["Ελληνικά καλημέρα", "中文测试，你好。", "हिन्दी नमस्ते", "Œuvre Łódź"]
     assert_same(BasicTextNormalizer(**options), reference.BasicTextNormalizer(**options), texts)
 
 

@@ -33,17 +33,6 @@ TRICKY = [
 ]
 
 
-def transcripts(data_dir):
-    """Every reference line in the shared data: LibriSpeech trans.txt, long-form .txt, jfk.txt."""
-    lines = []
-    for path in sorted(data_dir.rglob("*.trans.txt")):
-        lines += [line.partition(" ")[2] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    for path in sorted((data_dir / "longform").glob("*.txt")):
-        lines += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    assert len(lines) > 500, "expected the LibriSpeech transcripts under data_dir"
-    return lines
-
-
 def variants(text):
     return [text, text.lower(), text.capitalize(), text.title(), " " + text.lower()]
 
@@ -59,9 +48,9 @@ def assert_same_ids(ours, theirs, texts):
         assert ours.encode(text) == theirs.encode(text), f"different ids for {text!r}"
 
 
-def test_encode_matches_openai_on_transcripts(pair, data_dir):
+def test_encode_matches_openai_on_transcripts(pair, data_dir, transcript_lines):
     ours, theirs = pair
-    assert_same_ids(ours, theirs, [v for text in transcripts(data_dir) for v in variants(text)])
+    assert_same_ids(ours, theirs, [v for text in transcript_lines for v in variants(text)])
 
 
 def test_encode_matches_openai_on_tricky_strings(pair):
@@ -113,9 +102,9 @@ def test_multilingual_without_language_prompts_sot_only():
         ours.language_token
 
 
-def test_decode_round_trips_and_matches_openai(pair, data_dir):
+def test_decode_round_trips_and_matches_openai(pair, data_dir, transcript_lines):
     ours, theirs = pair
-    texts = transcripts(data_dir)[:100] + TRICKY
+    texts = transcript_lines[:100] + TRICKY
     for text in texts:
         assert ours.decode(ours.encode(text)) == text
     timestamped = [ours.sot, *ours.sot_sequence, ours.timestamp_begin + 50, *ours.encode(" Hello."), ours.eot]
