@@ -481,7 +481,12 @@ class Trainer:
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed(args.device)
-    trainer = Trainer(args, rank, world, device)
+    try:
+        trainer = Trainer(args, rank, world, device)
+    except KeyboardInterrupt:  # before training starts, the only state is the pseudo-label cache, saved per batch
+        print(f"interrupted during setup; pseudo-labels so far are kept in {Path(args.out) / 'pseudo_labels.json'}, "
+              "and running the same command again continues from them", file=sys.stderr)
+        return 130
     if args.resume:
         trainer.resume()
     # Ctrl-C or a scheduler's SIGTERM: finish the current step, save, exit.
