@@ -3,7 +3,7 @@
     audio (B, samples) --STFT--> |.|^2 (B, 201, frames) --Mel filters--> (B, n_mels, frames)
         --> log10, clamp to (row max - 8), (x + 4) / 4
 
-Versions in this file:
+Versions in this file (llm.c dev/cuda style: the reference is the spec, the kernel is checked against it):
 - `log_mel_spectrogram_reference`: plain PyTorch, the spec. It follows openai-whisper's
   `whisper.audio.log_mel_spectrogram` step for step, with two deliberate differences that make
   batches behave like single utterances:
@@ -12,17 +12,42 @@ Versions in this file:
     2. the dynamic-range clamp uses each utterance's own maximum; openai-whisper takes one maximum
        over the whole batch, so there a loud utterance changes its quiet neighbours.
   It runs in the input's dtype, so float64 input gives a high-precision answer to compare kernels to.
-- `log_mel_spectrogram`: the public entry point (accepts numpy too); it calls the reference.
+- `log_mel_spectrogram_triton`: two launches, float32 out, no (B, 201, frames) spectrogram in memory.
+    1. one program per (tile of BLOCK_T frames, utterance): gathers its frames straight from the
+       waveform (reflect padding and the `lengths` mask are index arithmetic), computes the DFT as
+       `tl.dot` of the frames against cos/sin bases with the Hann window folded in, squares, projects
+       onto the Mel filters with a second `tl.dot`, takes log10 and writes the tile and its maximum.
+    2. one program per block of an utterance's output: max over its tiles' maxima, then the clamp
+       and (x + 4) / 4, in place.
+  The frame is folded about its centre before the DFT: window and cosines are even about the centre,
+  sines odd, so re = sum (x[c - d] + x[c + d]) * cos-basis and im = sum (x[c - d] - x[c + d]) * sin-basis
+  over d = 0..199 instead of 400 samples, half the multiply-adds. The DFT runs on tensor cores as tf32x3
+  (three tf32 passes, about fp32 accuracy): plain tf32 loses too much in quiet bins.
+- `log_mel_spectrogram`: the public entry point (accepts numpy too): the Triton kernel for CUDA
+  tensors, the reference otherwise (and for float64 input, which asks for the precise answer).
+
+Run:
+    python kernels/log_mel.py    # on a GPU: checks Triton against the float64 reference, then times
+                                 # reference, torch.compile(reference) and Triton at B = 1, 16, 64 x 30 s,
+                                 # and Triton under each of TILE_CANDIDATES;
+                                 # on CPU: checks only (Triton's interpreter, switched on below)
 
 The Mel filterbank is computed here (Slaney scale and area normalisation, as librosa's default),
 not loaded from a file, and matches openai-whisper's `assets/mel_filters.npz` to 1e-6.
 This module imports nothing from the repository: it is leaf math.
 """
 import math
+import os
 from functools import lru_cache
 
 import numpy as np
 import torch
+
+if __name__ == "__main__" and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is imported
+
+import triton
+import triton.language as tl
 
 SAMPLE_RATE = 16000  # Hz: every Whisper model hears 16 kHz audio
 N_FFT = 400  # 25 ms analysis window
@@ -131,6 +156,194 @@ def log_mel_spectrogram_reference(audio: torch.Tensor, n_mels: int = 80, lengths
     return log_mel[0] if single else log_mel
 
 
+# ----------------------------------------------------------------------------- Triton kernel
+#
+# Frame t is centred on sample c = 160 t and covers c - 200 .. c + 199 (torch.stft, center=True).
+# Writing each sample as x[c - d], d = -199..200, the DFT of the windowed frame is
+#     X_f = (-1)^f sum_d w[200 - d] x[c - d] (cos + i sin)(2 pi f d / 400)
+# The Hann window and the cosine are even in d, the sine odd, and w[0] = 0 drops d = 200, so
+#     re_f = (-1)^f sum_{d=0}^{199} w[200 - d] cos(2 pi f d / 400) * (x[c - d] + x[c + d])   (d = 0 halved)
+#     im_f = (-1)^f sum_{d=1}^{199} w[200 - d] sin(2 pi f d / 400) * (x[c - d] - x[c + d])
+# i.e. two (201, 200) @ (200, frames) products instead of two with 400-long sums.
+#
+# The kernel works transposed, (freq, frame) rather than (frame, freq): the bases and the Mel filters are
+# then the left operands, which go from memory to shared memory as they are, and the output tile comes
+# out as (mel, frame), contiguous along frames as `out` is.
+
+HALF_WINDOW = N_FFT // 2  # 200 offsets d from a frame's centre
+DFT_ROWS = 256  # the bases' 200 offsets zero-padded, so any power-of-two K_CHUNK can step through them
+FREQS_PAD = 256  # the 201 bins zero-padded to a power of two, as tl.dot needs
+N_MELS_PAD = 128  # 80 Mel bins get 48 zero filters; 128 needs none
+MAX_ABS_ERROR = 2e-3  # the kernel's contract against the float64 reference (tf32 tensor cores on GPU)
+
+# Tile sizes for an H100 (sm_90), where registers are the limit. Compiled for sm_90a with Triton 3.6 and
+# 3.9 (ptxas -v), these use ~250 registers a thread and spill none; BLOCK_T = 128 spills, and so does
+# K_CHUNK = 32 under 3.6. K_CHUNK = 16 pads the 200 offsets to 208. F_CHUNK = 128 gathers each frame
+# twice, once per half of the spectrum (from L1/L2); F_CHUNK = 256 does not, but needs 192 KB of shared
+# memory. Untimed so far: `python kernels/log_mel.py` on the GPU sweeps TILE_CANDIDATES.
+DEFAULT_TILES = {"BLOCK_T": 64, "F_CHUNK": 128, "K_CHUNK": 16, "num_warps": 8, "num_stages": 2}
+NORMALISE_BLOCK = 1024  # output elements per program of the second launch
+TILES_BLOCK = 128  # tile maxima read per step when the second launch reduces an utterance's maximum
+
+# module constants the kernels read as compile-time values
+_HOP = tl.constexpr(HOP_LENGTH)
+_HALF_WINDOW = tl.constexpr(HALF_WINDOW)
+_DFT_ROWS = tl.constexpr(DFT_ROWS)
+_FREQS_PAD = tl.constexpr(FREQS_PAD)
+_LOG_FLOOR = tl.constexpr(LOG_FLOOR)
+_LOG10_2 = tl.constexpr(math.log10(2.0))
+_DYNAMIC_RANGE = tl.constexpr(DYNAMIC_RANGE)
+
+
+@lru_cache(maxsize=None)
+def _dft_bases(device) -> tuple:
+    """Folded DFT bases, float32 (FREQS_PAD, DFT_ROWS) each: row f, column d as in the derivation above."""
+    f = torch.arange(N_FREQS, dtype=torch.float64)[:, None]  # (201, 1)
+    d = torch.arange(HALF_WINDOW)[None, :]  # (1, 200)
+    window = torch.hann_window(N_FFT, dtype=torch.float64)[HALF_WINDOW - d]  # (1, 200): periodic Hann
+    sign = 1.0 - 2.0 * (f % 2)  # (-1)^f: keeps re and im the true DFT's (the power would not notice)
+    angle = 2.0 * math.pi * f * d / N_FFT  # (201, 200)
+    cos_basis = window * sign * torch.cos(angle)
+    cos_basis[:, 0] *= 0.5  # the centre sample enters the fold twice (x[c - 0] + x[c + 0])
+    sin_basis = window * sign * torch.sin(angle)
+    padded = torch.zeros(2, FREQS_PAD, DFT_ROWS, dtype=torch.float64)
+    padded[0, :N_FREQS, :HALF_WINDOW] = cos_basis
+    padded[1, :N_FREQS, :HALF_WINDOW] = sin_basis
+    padded = padded.to(device=device, dtype=torch.float32)
+    return padded[0], padded[1]
+
+
+@lru_cache(maxsize=None)
+def _padded_mel_filters(n_mels: int, device) -> torch.Tensor:
+    """The Mel filters zero-padded to float32 (N_MELS_PAD, FREQS_PAD)."""
+    padded = torch.zeros(N_MELS_PAD, FREQS_PAD, dtype=torch.float32)
+    padded[:n_mels, :N_FREQS] = mel_filters(n_mels)
+    return padded.to(device)
+
+
+@triton.jit
+def _reflected_samples(row_audio_ptr, index, samples, length, valid):
+    """x[index] of the zero-masked row under torch.stft's reflect padding, as float32; 0 where not valid."""
+    index = tl.abs(index)  # before the start: x[-i] = x[i]
+    index = tl.where(index >= samples, 2 * (samples - 1) - index, index)  # past the end: x[n-1+i] = x[n-1-i]
+    # the reflection is of the whole buffer, so past `length` it reflects zeros, exactly as the reference
+    return tl.load(row_audio_ptr + index, mask=valid & (index < length), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _log_mel_tile_kernel(
+    audio_ptr, audio_row_stride,   # (B, samples), any float dtype, unit column stride
+    lengths_ptr,                   # (B,) int64: valid samples of each row
+    cos_basis_ptr, sin_basis_ptr,  # (FREQS_PAD, DFT_ROWS) float32: the folded bases of _dft_bases
+    filters_ptr,                   # (N_MELS_PAD, FREQS_PAD) float32: the Mel filters, zero-padded
+    out_ptr,                       # (B, N_MELS, frames) float32: receives log10 of the Mel power
+    tile_max_ptr,                  # (B, n_tiles) float32: receives each tile's maximum
+    samples, frames, n_tiles,
+    N_MELS: tl.constexpr, N_MELS_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, F_CHUNK: tl.constexpr, K_CHUNK: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    row = tl.program_id(1)
+    row_audio_ptr = audio_ptr + row.to(tl.int64) * audio_row_stride  # int64: B * samples may pass 2^31
+    length = tl.load(lengths_ptr + row).to(tl.int32)
+
+    t = tile * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,) frame indices
+    in_frames = t < frames
+    centre = t * _HOP  # (BLOCK_T,)
+    mels = tl.arange(0, N_MELS_PAD)
+
+    mel = tl.zeros((N_MELS_PAD, BLOCK_T), dtype=tl.float32)
+    for f0 in range(0, _FREQS_PAD, F_CHUNK):
+        freqs = f0 + tl.arange(0, F_CHUNK)
+        re = tl.zeros((F_CHUNK, BLOCK_T), dtype=tl.float32)
+        im = tl.zeros((F_CHUNK, BLOCK_T), dtype=tl.float32)
+        for d0 in range(0, _HALF_WINDOW, K_CHUNK):
+            d = d0 + tl.arange(0, K_CHUNK)  # (K_CHUNK,) offsets from the frame centre
+            valid = (d < _HALF_WINDOW)[:, None] & in_frames[None, :]  # (K_CHUNK, BLOCK_T)
+            before = _reflected_samples(row_audio_ptr, centre[None, :] - d[:, None], samples, length, valid)
+            after = _reflected_samples(row_audio_ptr, centre[None, :] + d[:, None], samples, length, valid)
+            basis_offsets = freqs[:, None] * _DFT_ROWS + d[None, :]  # (F_CHUNK, K_CHUNK)
+            # tf32x3, not tf32: quiet bins are small differences of large terms. Simulating tensor-core
+            # rounding on CPU, plain tf32 (10-bit mantissa) put speech 0.03 off the float64 reference;
+            # tf32x3 (three passes) with a plain-tf32 Mel projection put it 2e-4 off, mostly the latter's
+            re = tl.dot(tl.load(cos_basis_ptr + basis_offsets), before + after, re, input_precision="tf32x3")
+            im = tl.dot(tl.load(sin_basis_ptr + basis_offsets), before - after, im, input_precision="tf32x3")
+        power = re * re + im * im  # (F_CHUNK, BLOCK_T)
+        filters = tl.load(filters_ptr + mels[:, None] * _FREQS_PAD + freqs[None, :])  # (N_MELS_PAD, F_CHUNK)
+        # plain tf32 is enough here: every term is positive, so nothing cancels
+        mel = tl.dot(filters, power, mel, input_precision="tf32")  # (N_MELS_PAD, BLOCK_T)
+
+    log_mel = tl.log2(tl.maximum(mel, _LOG_FLOOR)) * _LOG10_2  # log10
+    keep = (mels < N_MELS)[:, None] & in_frames[None, :]  # (N_MELS_PAD, BLOCK_T)
+    out_offsets = row.to(tl.int64) * N_MELS * frames + mels[:, None] * frames + t[None, :]  # out[row, mel, t]
+    tl.store(out_ptr + out_offsets, log_mel, mask=keep)
+    tile_max = tl.max(tl.max(tl.where(keep, log_mel, float("-inf")), axis=1), axis=0)
+    tl.store(tile_max_ptr + row * n_tiles + tile, tile_max)
+
+
+@triton.jit
+def _normalise_kernel(out_ptr, tile_max_ptr, row_numel, n_tiles, BLOCK: tl.constexpr, TILES: tl.constexpr):
+    """In place on one block of row `row` of out (B, row_numel): clamp to (row max - 8), then (x + 4) / 4."""
+    block = tl.program_id(0)
+    row = tl.program_id(1)
+    row_max = float("-inf")
+    for start in range(0, n_tiles, TILES):  # the utterance's maximum, from its tiles' maxima
+        tiles = start + tl.arange(0, TILES)
+        maxima = tl.load(tile_max_ptr + row * n_tiles + tiles, mask=tiles < n_tiles, other=float("-inf"))
+        row_max = tl.maximum(row_max, tl.max(maxima, axis=0))
+
+    offsets = block * BLOCK + tl.arange(0, BLOCK)
+    in_row = offsets < row_numel
+    ptrs = out_ptr + row.to(tl.int64) * row_numel + offsets
+    log_mel = tl.maximum(tl.load(ptrs, mask=in_row), row_max - _DYNAMIC_RANGE)
+    tl.store(ptrs, (log_mel + 4.0) / 4.0, mask=in_row)
+
+
+def log_mel_spectrogram_triton(audio: torch.Tensor, n_mels: int = 80, lengths=None, out=None,
+                               tiles=None) -> torch.Tensor:
+    """The reference's result in float32 from two Triton launches; (B, samples) -> (B, n_mels, samples // 160).
+
+    out: optional float32 contiguous tensor of the result's shape, on audio's device, that receives it
+    (every element is written). tiles: overrides of DEFAULT_TILES (tests, tuning).
+    Runs on CPU tensors only under TRITON_INTERPRET=1."""
+    single = audio.dim() == 1
+    audio = audio[None] if single else audio
+    lengths = _check_inputs(audio, n_mels, lengths)
+    if audio.stride(1) != 1:
+        audio = audio.contiguous()
+    batch, samples = audio.shape
+    frames = samples // HOP_LENGTH
+    shape = (n_mels, frames) if single else (batch, n_mels, frames)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=audio.device)
+    elif (tuple(out.shape) != shape or out.dtype != torch.float32 or out.device != audio.device
+          or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous float32 tensor of shape {shape} on {audio.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    if batch == 0:
+        return out
+
+    tiles = {**DEFAULT_TILES, **(tiles or {})}
+    for name in ("BLOCK_T", "F_CHUNK", "K_CHUNK"):  # tl.dot wants powers of two of at least 16
+        if not 16 <= tiles[name] <= FREQS_PAD or tiles[name] & (tiles[name] - 1):
+            raise ValueError(f"{name} must be a power of two in [16, {FREQS_PAD}], got {tiles[name]}")
+    n_tiles = triton.cdiv(frames, tiles["BLOCK_T"])
+    tile_max = torch.empty(batch, n_tiles, dtype=torch.float32, device=audio.device)
+    cos_basis, sin_basis = _dft_bases(audio.device)
+    _log_mel_tile_kernel[(n_tiles, batch)](
+        audio, audio.stride(0), lengths, cos_basis, sin_basis, _padded_mel_filters(n_mels, audio.device),
+        out, tile_max, samples, frames, n_tiles,
+        N_MELS=n_mels, N_MELS_PAD=N_MELS_PAD,
+        BLOCK_T=tiles["BLOCK_T"], F_CHUNK=tiles["F_CHUNK"], K_CHUNK=tiles["K_CHUNK"],
+        num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
+    )
+    row_numel = n_mels * frames
+    _normalise_kernel[(triton.cdiv(row_numel, NORMALISE_BLOCK), batch)](
+        out, tile_max, row_numel, n_tiles, BLOCK=NORMALISE_BLOCK, TILES=TILES_BLOCK, num_warps=4,
+    )
+    return out
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 def log_mel_spectrogram(audio, n_mels: int = 80, lengths=None) -> torch.Tensor:
@@ -143,4 +356,66 @@ def log_mel_spectrogram(audio, n_mels: int = 80, lengths=None) -> torch.Tensor:
         audio = torch.from_numpy(audio)
     if not torch.is_tensor(audio):
         raise ValueError(f"audio must be a numpy array or torch tensor, got {type(audio).__name__}")
+    # float64 asks for the precise answer, which the float32 kernel does not give: the reference computes it
+    if audio.is_cuda and audio.dtype != torch.float64:
+        return log_mel_spectrogram_triton(audio, n_mels, lengths)
     return log_mel_spectrogram_reference(audio, n_mels, lengths)
+
+
+# ----------------------------------------------------------------------------- check, then time (CUDA only)
+
+def _check(device, batch, samples, n_mels, ragged):
+    """Triton on `device` against the float64 reference, on seeded noise; ragged rows hold NaN past their end."""
+    gen = torch.Generator().manual_seed(samples + batch)
+    audio = 0.1 * torch.randn(batch, samples, generator=gen, dtype=torch.float64)
+    lengths = None
+    if ragged:
+        lengths = torch.randint(HALF_WINDOW + 1, samples + 1, (batch,), generator=gen)
+        lengths[0] = samples  # one full row: its end reflects real samples, the others reflect zeros
+        past_end = torch.arange(samples)[None, :] >= lengths[:, None]
+        audio = audio.masked_fill(past_end, float("nan"))
+    expected = log_mel_spectrogram_reference(audio, n_mels, lengths)
+    got = log_mel_spectrogram_triton(audio.float().to(device), n_mels, lengths)
+    error = (got.cpu().double() - expected).abs().max().item()
+    ok = error <= MAX_ABS_ERROR
+    print(f"B={batch:2d} samples={samples:6d} n_mels={n_mels:3d} ragged={ragged!s:5s}  "
+          f"max |triton - float64 reference| {error:.1e}  {'OK' if ok else 'FAIL'}")
+    return ok
+
+
+def _bench(batch, n_mels=80, seconds=30):
+    audio = 0.1 * torch.randn(batch, seconds * SAMPLE_RATE, device="cuda")
+    compiled = torch.compile(log_mel_spectrogram_reference, dynamic=False)
+    for name, fn in (("reference", log_mel_spectrogram_reference), ("torch.compile", compiled),
+                     ("triton", log_mel_spectrogram_triton)):
+        fn(audio, n_mels)  # compile / warm up
+        ms = triton.testing.do_bench(lambda: fn(audio, n_mels))
+        print(f"{name:13s} B={batch:2d} x {seconds} s: {ms:8.3f} ms  ({batch * seconds / ms * 1e3:9.0f} x real time)")
+
+
+# overrides of DEFAULT_TILES that also compile without spills for sm_90a (Triton 3.6 and 3.9)
+TILE_CANDIDATES = ({}, {"F_CHUNK": 256}, {"num_stages": 3}, {"BLOCK_T": 32},
+                   {"BLOCK_T": 32, "F_CHUNK": 256, "K_CHUNK": 32})
+
+
+def _bench_tiles(batch=64, n_mels=80, seconds=30):
+    """llm.c's block-size sweep: the Triton kernel under each candidate tiling."""
+    audio = 0.1 * torch.randn(batch, seconds * SAMPLE_RATE, device="cuda")
+    for tiles in TILE_CANDIDATES:
+        ms = triton.testing.do_bench(lambda: log_mel_spectrogram_triton(audio, n_mels, tiles=tiles))
+        print(f"triton B={batch} x {seconds} s, tiles {({**DEFAULT_TILES, **tiles})}: {ms:8.3f} ms")
+
+
+if __name__ == "__main__":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cases = [(1, 16000, 80, False), (3, 20001, 128, True), (2, 12345, 80, True), (1, 401, 128, False)]
+    if device == "cuda":
+        cases += [(16, 30 * SAMPLE_RATE, 80, True), (4, 30 * SAMPLE_RATE, 128, False)]
+    all_ok = all([_check(device, *case) for case in cases])
+    print("all checks passed" if all_ok else "SOME CHECKS FAILED")
+    if not all_ok:
+        raise SystemExit(1)
+    if device == "cuda":
+        for batch in (1, 16, 64):
+            _bench(batch)
+        _bench_tiles()
