@@ -1,400 +1,113 @@
-"""
-FastWhisper benchmarks: one entry point, one subcommand per question.
+"""FastWhisper benchmarks: one entry point, one mode per question.
 
-    python bench.py kernels               # hot-path kernels: eager reference vs torch.compile vs Triton
-    python bench.py kernels --quick       # small sizes (the default on CPU)
-    python bench.py kernels --device cpu --no-compile --repeats 3 --json out.json
+    python bench.py [models]    # teacher vs students: latency, throughput, the split, memory     (bench_models.py)
+    python bench.py --quick     # the same, CI-sized: tiny.en, 3 utterances, batch 1 and 2, greedy
+    python bench.py kernels     # hot-path kernels: eager reference vs torch.compile vs Triton    (bench_kernels.py)
+    python bench.py peers       # the utterances through openai-whisper, transformers, faster-whisper (bench_peers.py)
 
-`kernels` runs, for each kernel and size, three versions of the same math:
-    eager     the plain-PyTorch reference in kernels/*.py (the spec)
-    compile   torch.compile(reference); its first call (the compile) is reported apart, not in the median
-    triton    the Triton kernel; CUDA only: on CPU Triton runs only in its interpreter, far too slow to time
-Each version's first output is compared with eager's (max |out - eager| / max |eager|), so a fast wrong
-kernel shows up; then come --warmup untimed calls, then --repeats timed calls, of which the median is
-reported, and one more call that measures the peak memory a call needs beyond what is already held.
-The floor is the least time any kernel could take: the bytes it must move divided by this device's
-measured copy bandwidth; "x floor" says how far above it a version runs.
-
-Adding a mode (model latency, peers): write `bench_<mode>(args)` and register a subparser in build_parser.
+Every mode prints a table and writes a JSON report (bench.json, bench-kernels.json, bench-peers.json); models
+and peers also draw a PNG when matplotlib is installed. Timing rules everywhere: warm-up first, the GPU
+synchronised (or CUDA events), medians of repeats, fixed inputs. Numbers are only what this run measured.
+`python bench.py MODE --help` lists each mode's flags.
 """
 import argparse
-import ctypes
-import ctypes.util
-import datetime
-import json
-import platform
-import statistics
-import time
+import sys
 
 import torch
-import triton
 
-from kernels.kl_div import kl_div_reference, kl_div_triton
-from kernels.log_mel import HOP_LENGTH, SAMPLE_RATE, log_mel_spectrogram_reference
+import bench_kernels
+import bench_models
+import bench_peers
 
-try:
-    from kernels.log_mel import log_mel_spectrogram_triton
-except ImportError:  # the log-Mel kernel is not written yet: its row says so instead of a number
-    log_mel_spectrogram_triton = None
-
-AUDIO_SECONDS = 30  # Whisper's fixed window
-N_MELS = 80
-VOCAB_SIZE = 51865  # Whisper's multilingual vocabulary: the KL rows of distillation are this wide
-KL_DTYPE = torch.bfloat16  # distillation keeps logits in bf16
-KL_TEMPERATURE = 2.0  # distil-whisper's
-
-# The full sizes are the issue's. On the 2-core CPU dev box the KL reference took ~11 s per call at N = 4096,
-# and N = 16384 needs ~16 GB of float32 intermediates (scaled from N = 256), so CPU defaults to quick.
-SIZES = {
-    "full": {"log_mel": (1, 16, 64), "kl_div": (4096, 16384)},  # log-Mel: batch; KL: rows
-    "quick": {"log_mel": (1, 4), "kl_div": (256, 1024)},
-}
-COPY_BYTES = {"cuda": 2**30, "cpu": 2**28}  # large enough that caches do not flatter the copy
-L2_FLUSH_BYTES = 2**28  # larger than any GPU's L2 (H100: 50 MB): each timed call starts with a cold cache
-
-ROW_FIELDS = ("kernel", "size", "variant", "median_ms", "min_ms", "times_ms", "peak_extra_mib",
-              "speedup_vs_eager", "bytes_moved", "floor_ms", "x_floor", "first_call_s", "max_err_vs_eager",
-              "error", "note")
+MODES = ("models", "kernels", "peers")
 
 
-# ----------------------------------------------------------------------------- the kernels' inputs
-
-class LogMelCase:
-    """B utterances of 30 s of seeded noise; one call = one log-Mel spectrogram of the batch."""
-    kernel = "log_mel"
-
-    def __init__(self, batch, device):
-        generator = torch.Generator(device=device).manual_seed(0)
-        samples = AUDIO_SECONDS * SAMPLE_RATE
-        self.audio = torch.randn(batch, samples, generator=generator, device=device).mul_(0.1)  # (B, samples)
-        self.size = f"B={batch} x {AUDIO_SECONDS} s"
-        frames = samples // HOP_LENGTH
-        self.bytes_moved = 4 * self.audio.numel() + 4 * batch * N_MELS * frames  # read audio, write mel (fp32)
-
-    def reset(self):
-        pass
-
-    def call(self, fn):
-        return (fn(self.audio, N_MELS),)
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
 
 
-class KLDivCase:
-    """N rows of bf16 student and teacher logits; one call = the loss forward and backward."""
-    kernel = "kl_div"
-
-    def __init__(self, n_rows, device):
-        generator = torch.Generator(device=device).manual_seed(0)
-        shape = (n_rows, VOCAB_SIZE)
-        self.student = torch.randn(shape, generator=generator, device=device, dtype=KL_DTYPE).mul_(3)
-        self.student.requires_grad_()
-        self.teacher = torch.randn(shape, generator=generator, device=device, dtype=KL_DTYPE).mul_(3)
-        self.size = f"N={n_rows} x V={VOCAB_SIZE}"
-        self.bytes_moved = 3 * self.student.numel() * self.student.element_size()  # read s, t; write grad
-
-    def reset(self):
-        self.student.grad = None  # each call allocates its gradient afresh, as a training step would
-
-    def call(self, fn):
-        loss = fn(self.student, self.teacher, KL_TEMPERATURE)
-        loss.backward()
-        return loss.detach(), self.student.grad
+def add_models_flags(models):
+    models.add_argument("--quick", action="store_true", help="CI-sized: " + ", ".join(
+        f"{k}={v}" for k, v in bench_models.QUICK.items()))
+    models.add_argument("--teacher", help="model name or checkpoint (default: base; quick: tiny.en)")
+    models.add_argument("--student", help="a trained student checkpoint: decoded for real, beside the teacher")
+    models.add_argument("--students", nargs="+", metavar="ENC,DEC",
+                        help="untrained students from make_student, as encoder,decoder layers, decoded for the "
+                             "teacher's number of steps "
+                             "(default: 6,2 6,1 4,2 3,2 for base; quick: the first)")
+    models.add_argument("--decoders", nargs="+", choices=list(bench_models.DECODERS), help="default: both")
+    models.add_argument("--windows", type=int, help="30 s windows of joined utterances, timed at batch 1 (default 4)")
+    models.add_argument("--repeats", type=positive_int, help="timed calls per split measurement (default 3)")
+    models.add_argument("--warmup", type=int, default=1, help="untimed calls before each split measurement")
+    models.add_argument("--json", default="bench.json", help="where the report goes")
+    models.add_argument("--plot", default="bench.png", help="where the plot goes (needs matplotlib)")
+    models.set_defaults(run=bench_models.run)
 
 
-def kernel_variants(reference, triton_fn, device, no_compile):
-    """Yields (variant, callable or None, why it does not run) for eager, compile and triton."""
-    yield "eager", reference, None
-    if no_compile:
-        yield "compile", None, "skipped (--no-compile)"
-    else:
-        torch._dynamo.reset()  # runs when this row is reached: each compile row compiles from scratch
-        yield "compile", torch.compile(reference, dynamic=False), None
-    if device.type != "cuda":
-        yield "triton", None, "n/a (interpreter)"
-    elif triton_fn is None:
-        yield "triton", None, "n/a (no Triton kernel in kernels/)"
-    else:
-        yield "triton", triton_fn, None
+def add_peers_flags(peers):
+    peers.add_argument("--quick", action="store_true", help="CI-sized: " + ", ".join(
+        f"{k}={v}" for k, v in bench_peers.QUICK.items()))
+    peers.add_argument("--model", help="model name or checkpoint, the same weights for every engine "
+                                       "(default: base; quick: tiny.en)")
+    peers.add_argument("--peers", nargs="+", choices=list(bench_peers.PEERS), help="default: all of them")
+    peers.add_argument("--json", default="bench-peers.json", help="where the report goes")
+    peers.add_argument("--plot", default="bench-peers.png", help="where the plot goes (needs matplotlib)")
+    peers.set_defaults(run=bench_peers.run)
 
 
-# ----------------------------------------------------------------------------- measurement
+def add_audio_flags(parser):
+    """Flags of the modes that transcribe speech: which audio, which batch sizes, how often."""
+    parser.add_argument("--data", nargs="+", help="LibriSpeech-layout folder(s) or manifest(s) "
+                                                  "(default: $FASTWHISPER_DATA/train-clean-5, speakers 669 and 3242)")
+    parser.add_argument("--speakers", help="comma-separated speaker ids to keep")
+    parser.add_argument("--utterances", type=positive_int, help="how many utterances, evenly spaced (default 30)")
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+",
+                        help="default: 1 8 16 32 on CUDA, 1 8 on CPU (models); 1 16 on CUDA, 1 on CPU (peers)")
+    parser.add_argument("--passes", type=positive_int, help="timed passes over the audio; the median per batch "
+                                                            "(default: 3 on CUDA, 1 on CPU)")
+    parser.add_argument("--dtype", choices=list(bench_models.DTYPES), help="default: float16 on CUDA, float32 on CPU")
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_calls_ms(call, device, repeats, before_each):
-    """Milliseconds of each of `repeats` calls; before_each() runs outside the clock."""
-    times = []
-    for _ in range(repeats):
-        before_each()
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            result = call()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            result = call()
-            times.append((time.perf_counter() - start) * 1e3)
-        del result  # freed after the clock stops: freeing the outputs is not the kernel's work
-    return times
-
-
-def measure_copy_bandwidth(device, repeats):
-    """Bytes per second of a large device-to-same-device copy, counting bytes read and written."""
-    n_bytes = COPY_BYTES[device.type]
-    source = torch.ones(n_bytes // 4, device=device)
-    destination = torch.empty_like(source)
-    destination.copy_(source)  # warm up: fault in the pages
-    synchronize(device)
-    times = time_calls_ms(lambda: destination.copy_(source), device, repeats, before_each=lambda: None)
-    return 2 * n_bytes / (statistics.median(times) / 1e3)
-
-
-def _proc_status_bytes(field):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # the kernel reports kB
-    raise OSError(f"/proc/self/status has no {field}")
-
-
-def peak_rss_growth_mib(call):
-    """CPU: how far the resident set grows above its size before the call, in MiB; None off Linux.
-    torch's CPU tensors bypass tracemalloc and torch keeps no CPU peak statistic, but Linux can reset
-    the peak RSS (VmHWM). malloc_trim first returns freed heap pages to the system, so memory the
-    allocator would reuse counts as growth again rather than hiding inside the RSS already held."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")  # 5 = reset the peak RSS to the current RSS
-        held = _proc_status_bytes("VmRSS")
-    except (OSError, AttributeError, TypeError):
-        return None
-    result = call()
-    grown = _proc_status_bytes("VmHWM") - held
-    del result
-    return grown / 2**20
-
-
-def peak_extra_mib(call, device, before_each):
-    """Peak memory one call needs beyond what is held before it (inputs included), in MiB."""
-    before_each()
-    if device.type != "cuda":
-        return peak_rss_growth_mib(call)
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    held = torch.cuda.memory_allocated(device)
-    result = call()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
-    del result
-    return (peak - held) / 2**20
-
-
-def max_relative_error(outputs, reference_outputs):
-    """max |out - ref| / max |ref| over each output tensor (loss, gradient, ...), the worst of them."""
-    errors = []
-    for out, ref in zip(outputs, reference_outputs):
-        out, ref = out.detach().float(), ref.detach().float()
-        errors.append(((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item())
-    return max(errors)
-
-
-def measure_variant(case, fn, device, args, l2_flush):
-    """First (checked) call, warm-up, timed calls, memory. Returns (measured fields, first outputs)."""
-    def before_each():
-        case.reset()
-        if l2_flush is not None:
-            l2_flush.zero_()
-
-    case.reset()
-    start = time.perf_counter()
-    outputs = case.call(fn)  # for torch.compile this call compiles
-    synchronize(device)
-    first_call_s = time.perf_counter() - start
-    case.reset()  # the outputs live on in `outputs`; the next call gets a fresh gradient
-
-    for _ in range(args.warmup):
-        before_each()
-        case.call(fn)
-    synchronize(device)
-    times = time_calls_ms(lambda: case.call(fn), device, args.repeats, before_each)
-    peak = peak_extra_mib(lambda: case.call(fn), device, before_each)
-    case.reset()
-    measured = {"median_ms": statistics.median(times), "min_ms": min(times), "times_ms": times,
-                "peak_extra_mib": peak, "first_call_s": first_call_s}
-    return measured, outputs
-
-
-def one_line(error):
-    """The exception's type and first line: compile errors run to pages, the JSON row gets the gist."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
-
-
-def bench_case(case, reference, triton_fn, device, bandwidth, args, l2_flush):
-    """One row per variant for this kernel and size."""
-    floor_ms = case.bytes_moved / bandwidth * 1e3
-    rows, eager_outputs, eager_ms = [], None, None
-    for variant, fn, why_not in kernel_variants(reference, triton_fn, device, args.no_compile):
-        row = dict.fromkeys(ROW_FIELDS)
-        row.update(kernel=case.kernel, size=case.size, variant=variant, bytes_moved=case.bytes_moved,
-                   floor_ms=floor_ms, note=why_not)
-        rows.append(row)
-        if fn is None:
-            print(f"{case.kernel} {case.size} {variant}: {why_not}")
-            continue
-        print(f"{case.kernel} {case.size} {variant}: running", flush=True)
-        try:
-            measured, outputs = measure_variant(case, fn, device, args, l2_flush)
-        except Exception as error:  # noqa: BLE001  a failed compile or an out-of-memory costs one row, not the table
-            row["error"] = one_line(error)
-        if row["error"] is not None:  # out of the except block, so its traceback no longer holds tensors
-            print(f"  failed: {row['error']}")
-            case.reset()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        row.update(measured)
-        row["x_floor"] = row["median_ms"] / floor_ms
-        if variant == "eager":
-            eager_outputs, eager_ms = outputs, row["median_ms"]
-        elif eager_outputs is not None:
-            row["max_err_vs_eager"] = max_relative_error(outputs, eager_outputs)
-        if eager_ms is not None:
-            row["speedup_vs_eager"] = eager_ms / row["median_ms"]
-        del outputs
-    return rows
-
-
-# ----------------------------------------------------------------------------- report
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, {torch.get_num_threads()} threads"
-
-
-def _number(value, spec):
-    return "-" if value is None else format(value, spec)
-
-
-def print_table(rows):
-    header = (f"{'kernel':8s} {'size':18s} {'variant':8s} {'median ms':>10s} {'peak MiB':>9s} {'vs eager':>9s} "
-              f"{'floor ms':>9s} {'x floor':>8s} {'1st call s':>10s} {'err vs eager':>12s}")
-    print()
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        start = f"{row['kernel']:8s} {row['size']:18s} {row['variant']:8s}"
-        if row["median_ms"] is None:
-            print(f"{start} {row['error'] or row['note']}")
-            continue
-        speedup = "-" if row["speedup_vs_eager"] is None else f"{row['speedup_vs_eager']:.2f}x"
-        print(f"{start} {row['median_ms']:10.3f} {_number(row['peak_extra_mib'], '9.1f')} {speedup:>9s} "
-              f"{row['floor_ms']:9.3f} {row['x_floor']:7.1f}x {row['first_call_s']:10.2f} "
-              f"{_number(row['max_err_vs_eager'], '12.1e')}")
-
-
-def choose_sizes(args, device):
-    if args.quick:
-        return "quick"
-    if args.full or device.type == "cuda":
-        return "full"
-    print("CPU: the full KL sizes (N up to 16384 x 51865) need more memory and minutes per call than a CPU "
-          "run should take, so the quick sizes run (--full forces the full ones)")
-    return "quick"
-
-
-def report_notes(device):
-    notes = [
-        "median_ms: median of the timed calls, after one checked first call and the warm-up calls",
-        ("first_call_s: wall time of the first call; for compile rows this is the compile time, which for the "
-         "first compile row includes inductor's one-time start-up and for every row any hits in inductor's "
-         "on-disk cache"),
-        ("max_err_vs_eager: max |out - eager| / max |eager| over the outputs (log-Mel: the spectrogram; "
-         "KL: the loss and the student gradient)"),
-        ("floor_ms: bytes_moved / copy bandwidth; log-Mel moves the fp32 audio in and the fp32 mel out, "
-         "KL fwd+bwd reads both bf16 logits and writes the bf16 student gradient"),
-        "KL: bf16 logits, temperature 2, student requires grad; timed as loss.backward() included",
-    ]
-    if device.type == "cuda":
-        notes.append("peak_extra_mib: torch.cuda.max_memory_allocated during one call minus memory_allocated "
-                     "before it (inputs exist); includes the call's outputs (the KL gradient)")
-        notes.append(f"each timed call starts after zeroing a {L2_FLUSH_BYTES // 2**20} MiB buffer, so L2 is cold")
-    else:
-        notes.append("peak_extra_mib: CPU has no allocator statistic; this is the growth of the process's peak "
-                     "resident set (Linux VmHWM, reset through /proc/self/clear_refs after malloc_trim) during "
-                     "one call: page-granular and approximate; null where the OS does not allow it")
-        notes.append("triton: not timed on CPU, where Triton runs only in its interpreter")
-    return notes
-
-
-def bench_kernels(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    sizes = choose_sizes(args, device)
-    name = device_name(device)
-    print(f"device: {name}; torch {torch.__version__}, triton {triton.__version__}")
-    print(f"sizes: {sizes}: log-Mel B = {SIZES[sizes]['log_mel']} x {AUDIO_SECONDS} s; KL N = "
-          f"{SIZES[sizes]['kl_div']} x {VOCAB_SIZE} bf16; warm-up {args.warmup}, median of {args.repeats}")
-
-    bandwidth = measure_copy_bandwidth(device, args.repeats)
-    print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write, {COPY_BYTES[device.type] // 2**20} MiB copy)")
-    l2_flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if device.type == "cuda" else None
-
-    rows = []
-    for batch in SIZES[sizes]["log_mel"]:
-        rows += bench_case(LogMelCase(batch, device), log_mel_spectrogram_reference, log_mel_spectrogram_triton,
-                           device, bandwidth, args, l2_flush)
-    for n_rows in SIZES[sizes]["kl_div"]:
-        rows += bench_case(KLDivCase(n_rows, device), kl_div_reference, kl_div_triton,
-                           device, bandwidth, args, l2_flush)
-    print_table(rows)
-
-    report = {"mode": "kernels", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-              "device": device.type, "device_name": name, "torch_version": torch.__version__,
-              "triton_version": triton.__version__, "python_version": platform.python_version(),
-              "cpu_threads": torch.get_num_threads(), "sizes": sizes, "warmup": args.warmup,
-              "repeats": args.repeats, "copy_bandwidth_gb_s": bandwidth / 1e9, "notes": report_notes(device),
-              "rows": rows}
-    with open(args.json, "w") as out:
-        json.dump(report, out, indent=1, allow_nan=False)
-    print(f"\nwrote {args.json}")
-
-
-# ----------------------------------------------------------------------------- command line
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="FastWhisper benchmarks: python bench.py MODE --help")
+    parser = argparse.ArgumentParser(description="FastWhisper benchmarks. MODE is models (the default), kernels "
+                                                 "or peers: python bench.py MODE --help")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda if available, else cpu")
+    common.add_argument("--threads", type=positive_int, help="torch CPU threads (torch.set_num_threads)")
     modes = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
 
-    kernels = modes.add_parser("kernels", help="eager vs torch.compile vs Triton for each hot-path kernel")
-    kernels.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda if available, else cpu")
+    models = modes.add_parser("models", parents=[common], help="teacher vs students: latency, split, memory")
+    add_audio_flags(models)
+    add_models_flags(models)
+
+    kernels = modes.add_parser("kernels", parents=[common], help="eager vs torch.compile vs Triton per kernel")
     sizes = kernels.add_mutually_exclusive_group()
     sizes.add_argument("--quick", action="store_true", help="small sizes (default on CPU)")
     sizes.add_argument("--full", action="store_true", help="the issue's sizes even on CPU (default on CUDA)")
-    kernels.add_argument("--repeats", type=int, default=10, help="timed calls; the median is reported")
+    kernels.add_argument("--repeats", type=positive_int, default=10, help="timed calls; the median is reported")
     kernels.add_argument("--warmup", type=int, default=2, help="untimed calls after the first (checked) call")
     kernels.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (compiling is slow)")
     kernels.add_argument("--json", default="bench-kernels.json", help="where the results go")
-    kernels.set_defaults(run=bench_kernels)
+    kernels.set_defaults(run=bench_kernels.run)
+
+    peers = modes.add_parser("peers", parents=[common], help="ours vs openai-whisper, transformers, faster-whisper")
+    add_audio_flags(peers)
+    add_peers_flags(peers)
     return parser
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in MODES + ("-h", "--help"):
+        argv.insert(0, "models")  # `python bench.py [flags]` is the models mode
     args = build_parser().parse_args(argv)
-    if getattr(args, "repeats", 1) < 1 or getattr(args, "warmup", 0) < 0:
-        raise SystemExit("--repeats must be at least 1 and --warmup at least 0")
+    if getattr(args, "warmup", 0) < 0:
+        raise SystemExit("--warmup must be at least 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.run(args)
 
 

@@ -80,14 +80,14 @@ def test_a_failing_version_costs_its_row_not_the_table():
     """A compile error or out-of-memory is recorded as one line in that row; the other rows still run."""
     import torch
 
-    import bench
+    import bench_kernels
 
     def broken(audio, n_mels):
         raise RuntimeError("boom\nthe rest of a long compiler log")
 
     args = SimpleNamespace(no_compile=True, warmup=0, repeats=1)
     cpu = torch.device("cpu")
-    rows = bench.bench_case(bench.LogMelCase(1, cpu), broken, None, cpu, 1e10, args, l2_flush=None)
+    rows = bench_kernels.bench_case(bench_kernels.LogMelCase(1, cpu), broken, None, cpu, 1e10, args, l2_flush=None)
     assert [row["variant"] for row in rows] == ["eager", "compile", "triton"]
     assert rows[0]["error"] == "RuntimeError: boom"
     assert rows[0]["median_ms"] is None and rows[0]["speedup_vs_eager"] is None

@@ -1,0 +1,295 @@
+"""What every benchmark mode shares: clocks, memory peaks, the report header, tables of audio runs, the plot.
+
+Timing rules, the same in every mode: warm up first, synchronise the GPU before reading a clock (or time on
+the GPU with CUDA events), take the median of repeats, and feed fixed inputs. Only bench_*.py import this.
+"""
+import ctypes
+import ctypes.util
+import datetime
+import functools
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from audio import SAMPLE_RATE, load_audio
+from data import DEV_SPEAKERS, data_root, list_utterances
+
+MIB = 2**20
+WINDOW_SECONDS = 30.0  # Whisper's window: transcribe_clips takes clips up to this long
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- clocks
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls_ms(call, device, repeats, before_each):
+    """Milliseconds of each of `repeats` calls; before_each() runs outside the clock."""
+    times = []
+    for _ in range(repeats):
+        before_each()
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = call()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start = time.perf_counter()
+            result = call()
+            times.append((time.perf_counter() - start) * 1e3)
+        del result  # freed after the clock stops: freeing the outputs is not the measured work
+    return times
+
+
+def median_ms(call, device, warmup, repeats, before_each=lambda: None):
+    """(median ms, all timed ms) of `repeats` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        before_each()
+        call()
+    synchronize(device)
+    times = time_calls_ms(call, device, repeats, before_each)
+    return statistics.median(times), times
+
+
+def timed_s(call, device):
+    """(result, wall seconds) of one call, the GPU drained before and after: for calls that go back and forth
+    between host and device (a whole transcription), where wall time is the honest measure."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = call()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- memory
+
+def _proc_status_bytes(field):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # the kernel reports kB
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def peak_rss_growth_mib(call):
+    """CPU: how far the resident set grows above its size before the call, in MiB; None off Linux.
+    torch's CPU tensors bypass tracemalloc and torch keeps no CPU peak statistic, but Linux can reset
+    the peak RSS (VmHWM). malloc_trim first returns freed heap pages to the system, so memory the
+    allocator would reuse counts as growth again rather than hiding inside the RSS already held."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # 5 = reset the peak RSS to the current RSS
+        held = _proc_status_bytes("VmRSS")
+    except (OSError, AttributeError, TypeError):
+        return None
+    result = call()
+    grown = _proc_status_bytes("VmHWM") - held
+    del result
+    return grown / MIB
+
+
+def peak_extra_mib(call, device, before_each=lambda: None):
+    """Peak memory one call needs beyond what is held before it (inputs and weights exist), in MiB.
+    CUDA: torch's allocator statistics (so only memory torch allocates); CPU: growth of the peak RSS."""
+    before_each()
+    if device.type != "cuda":
+        return peak_rss_growth_mib(call)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    held = torch.cuda.memory_allocated(device)
+    result = call()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del result
+    return (peak - held) / MIB
+
+
+# ----------------------------------------------------------------------------- the report
+
+def pick_device(name):
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def load_average():
+    """The 1-minute load average: on a shared machine, what else was running says how far to trust a CPU time."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def report_header(mode, device):
+    """The fields every mode's JSON starts with: what ran, where and when."""
+    return {"mode": mode, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "device": device.type, "device_name": device_name(device), "torch_version": torch.__version__,
+            "python_version": platform.python_version(), "cpu_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "load_average_start": load_average()}
+
+
+def write_json(report, path):
+    """Writes the report, with the load average at its end beside the one at its start."""
+    report["load_average_end"] = load_average()
+    print(f"load average (1 min): {report['load_average_start']} at the start, {report['load_average_end']} at the end "
+          f"({report['cpu_count']} CPUs)")
+    with open(path, "w") as out:
+        json.dump(report, out, indent=1, allow_nan=False)
+    print(f"\nwrote {path}")
+
+
+def one_line(error):
+    """The exception's type and first line: compile errors run to pages, the JSON row gets the gist."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def number(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+# ----------------------------------------------------------------------------- the audio every model hears
+
+@dataclass(frozen=True, eq=False)
+class Clip:
+    id: str
+    audio: np.ndarray  # float32, 16 kHz mono
+    text: str
+
+    @property
+    def seconds(self) -> float:
+        return len(self.audio) / SAMPLE_RATE
+
+
+def load_clips(data: Optional[List[str]], speakers: Optional[str], n_utterances: int, n_windows: int):
+    """(utterances, windows): the fixed audio every model is timed on, and a description of it."""
+    if data is None:  # the default: the dev speakers of train-clean-5
+        data, speakers = [data_root() / "train-clean-5"], speakers or ",".join(DEV_SPEAKERS)
+    keep = speakers.split(",") if speakers else None
+    found = [u for source in data for u in list_utterances(source, keep)]
+    clips = [Clip(u.id, load_audio(u.audio), u.text) for u in found if u.text]
+    clips = [clip for clip in clips if clip.seconds <= WINDOW_SECONDS]  # transcribe_clips takes <= 30 s
+    picked = np.unique(np.linspace(0, len(clips) - 1, min(n_utterances, len(clips))).round().astype(int))
+    description = (f"{len(picked)} of the {len(clips)} utterances of {', '.join(map(str, data))}"
+                   f"{f' (speakers {speakers})' if speakers else ''}, evenly spaced in id order")
+    return [clips[i] for i in picked], joined_windows(clips, n_windows), description
+
+
+def joined_windows(clips: List[Clip], n: int) -> List[Clip]:
+    """The n longest runs of consecutive utterances of one chapter that fit in 30 s, joined end to end."""
+    groups, current = [], []
+    for clip in clips:
+        same_chapter = current and current[-1].id.rsplit("-", 1)[0] == clip.id.rsplit("-", 1)[0]
+        if same_chapter and sum(c.seconds for c in current) + clip.seconds <= WINDOW_SECONDS:
+            current.append(clip)
+        else:
+            groups += [current] if current else []
+            current = [clip]
+    groups += [current] if current else []
+    longest = sorted(groups, key=lambda group: -sum(c.seconds for c in group))[:n]
+    return [Clip(f"{g[0].id}..{g[-1].id.rsplit('-', 1)[1]}", np.concatenate([c.audio for c in g]),
+                 " ".join(c.text for c in g)) for g in sorted(longest, key=lambda group: group[0].id)]
+
+
+# ----------------------------------------------------------------------------- runs over audio
+
+def full_batches(items, batch_size):
+    """Consecutive batches of exactly batch_size items, the list cycled to fill the last one, so every
+    timed call has the batch size its row says."""
+    n_batches = math.ceil(len(items) / batch_size)
+    return [[items[(i * batch_size + j) % len(items)] for j in range(batch_size)] for i in range(n_batches)]
+
+
+def time_batches(transcribe, batches, passes, device):
+    """Warm-up on the first batch (its peak memory is measured), then `passes` timed passes over all batches.
+    Returns (median seconds per batch, each batch's output from the last pass, peak extra MiB)."""
+    peak = peak_extra_mib(lambda: transcribe(batches[0]), device)
+    seconds, outputs = [[] for _ in batches], [None] * len(batches)
+    for _ in range(passes):
+        for i, batch in enumerate(batches):
+            outputs[i], elapsed = timed_s(functools.partial(transcribe, batch), device)
+            seconds[i].append(elapsed)
+    return [statistics.median(s) for s in seconds], outputs, peak
+
+
+def run_summary(batch_s, batch_audio_s, tokens=None):
+    """Throughput and latency of one run: batch_s[i] seconds for batch i holding batch_audio_s[i] s of audio."""
+    total_s, audio_s = sum(batch_s), sum(batch_audio_s)
+    latencies_ms = sorted(1e3 * s for s in batch_s)
+    return {"n_batches": len(batch_s), "audio_seconds": audio_s, "total_s": total_s, "rtf": total_s / audio_s,
+            "audio_s_per_s": audio_s / total_s, "latency_ms_median": statistics.median(latencies_ms),
+            "latency_ms_p90": latencies_ms[min(len(latencies_ms) - 1, math.ceil(0.9 * len(latencies_ms)) - 1)],
+            "tokens": tokens, "tokens_per_s": None if tokens is None else tokens / total_s,
+            "batch_ms": [1e3 * s for s in batch_s], "batch_audio_s": list(batch_audio_s)}
+
+
+# ----------------------------------------------------------------------------- the plot
+
+def plot_runs(runs, path, title):
+    """Two panels: median latency per batch vs batch size (utterances), and latency vs audio length at
+    batch 1 (every utterance and window). One colour per model; forced-length runs dashed (crosses), beam
+    search dotted.
+    Returns (path or None, a note saying why there is no plot)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None, "matplotlib is not installed: no plot (pip install matplotlib)"
+    runs = [r for r in runs if r.get("total_s") is not None]
+    names = list(dict.fromkeys(r["model"] for r in runs))
+    colours = {name: f"C{i % 10}" for i, name in enumerate(names)}
+    figure, (by_batch, by_length) = plt.subplots(1, 2, figsize=(13, 5))
+    for (name, decoder), rows in _group(runs, lambda r: (r["model"], r["decoder"])).items():
+        style = ":" if decoder != "greedy" else "--" if rows[0].get("forced_length") else "-"
+        utterance_rows = sorted((r for r in rows if r["set"] == "utterances"), key=lambda r: r["batch_size"])
+        if len(utterance_rows) > 1:
+            by_batch.plot([r["batch_size"] for r in utterance_rows], [r["latency_ms_median"] for r in utterance_rows],
+                          style, marker="o", color=colours[name], label=f"{name} {decoder}")
+        points = [(s, ms) for r in rows if r["batch_size"] == 1 for s, ms in zip(r["batch_audio_s"], r["batch_ms"])]
+        if decoder == "greedy" and points:  # one point per clip: latency follows the tokens, not only the length
+            by_length.scatter(*zip(*points), s=14, color=colours[name], label=name,
+                              marker="x" if rows[0].get("forced_length") else "o")
+    by_batch.set(xlabel="batch size", ylabel="median latency per batch (ms)", yscale="log",
+                 title="latency vs batch size (utterances)")
+    by_batch.set_xscale("log", base=2)
+    batch_sizes = sorted({r["batch_size"] for r in runs})
+    by_batch.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+    by_length.set(xlabel="audio length (s)", ylabel="latency (ms)", title="latency vs audio length (batch 1, greedy)")
+    for axes in (by_batch, by_length):
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize=7)
+        axes.grid(alpha=0.3)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return str(path), None
+
+
+def _group(rows, key):
+    groups = {}
+    for row in rows:
+        groups.setdefault(key(row), []).append(row)
+    return groups

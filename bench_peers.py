@@ -1,0 +1,351 @@
+"""`python bench.py peers`: the same utterances and the same weights through other Whisper engines.
+
+    python bench.py peers                            # base, every engine that is installed
+    python bench.py peers --quick --peers openai     # CI: tiny.en, 3 utterances, openai-whisper only
+
+Engines; every peer is optional, and one that is not installed is a row saying so, never a crash:
+  ours                         transcribe_clips(), the teacher decoded as in `python bench.py`
+  openai-whisper decode        whisper.decode() on whisper.log_mel_spectrogram(pad_or_trim(audio)), batched
+  openai-whisper transcribe    whisper.transcribe() on the array, one utterance per call (its usual entry point)
+  transformers generate        WhisperFeatureExtractor + WhisperForConditionalGeneration.generate(), batched; built
+                               offline from our dims and state dict (nothing is downloaded), its tokens decoded
+                               by our tokenizer
+  faster-whisper TYPE          CTranslate2's WhisperModel.transcribe(), one utterance per call, no VAD; our CT2
+                               model.bin is its native format (TYPE: float32 and int8 on CPU, float16 on CUDA)
+Every engine goes from the waveform to text with its own front end, greedy, temperature 0 only (no fallback), no
+timestamps, English. Engines that take one utterance per call run at batch 1 only. Each (engine, batch size) gets
+an untimed warm-up batch (its peak memory is recorded), then --passes timed passes; per batch the median.
+WER is against the references and against our transcripts ("vs ours"): on the same weights they should agree.
+"""
+import gc
+import importlib.metadata
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, List
+
+import torch
+
+from audio import SAMPLE_RATE
+from bench_common import (
+    DTYPES, full_batches, load_clips, number, one_line, pick_device, plot_runs, report_header, run_summary,
+    time_batches, write_json,
+)
+from decoding import NO_FALLBACK, DecodingOptions, suppressed_tokens
+from evaluate import word_error_rate
+from model import Whisper, load_model
+from tokenizer import get_tokenizer
+from transcribe import transcribe_clips
+from weights import HF_BLOCK_NAMES, HF_TOP_NAMES, find_model_files
+
+# What --quick changes: tiny.en, a few utterances, batch 1 and 2.
+QUICK = {"model": "tiny.en", "utterances": 3, "batch_sizes": [1, 2], "passes": 1}
+PEERS = ("openai", "transformers", "faster")  # --peers choices; ours always runs
+MAX_NEW_TOKENS = 224  # ours and openai-whisper stop at half the text context
+
+ROW_FIELDS = ("model", "package", "version", "status", "set", "decoder", "batch_size", "n_items",
+              "n_batches", "audio_seconds", "total_s", "rtf", "audio_s_per_s", "latency_ms_median", "latency_ms_p90",
+              "tokens", "tokens_per_s", "peak_mib", "wer", "wer_vs_ours", "time_vs_ours", "batch_ms",
+              "batch_audio_s", "hypotheses", "note")
+
+
+class Unavailable(Exception):
+    """The engine is installed but cannot run these weights here; the row says why."""
+
+
+@dataclass
+class Engine:
+    name: str
+    peer: str  # the --peers group it belongs to ("ours" for ours)
+    module: str  # what must be importable
+    package: str  # whose version is reported
+    batched: bool  # one call takes a whole batch; else one utterance per call, so batch 1 only
+    build: Callable  # (our model, model name or path, device) -> transcribe(list of arrays) -> list of texts
+    torch_memory: bool = True  # on CUDA, torch's allocator sees its memory
+
+
+# ----------------------------------------------------------------------------- the engines
+
+def build_ours(model: Whisper, source, device):
+    options = DecodingOptions(language="en", without_timestamps=True)
+    return lambda clips: [r.text for r in transcribe_clips(model, clips, options, NO_FALLBACK, len(clips))]
+
+
+def openai_copy(model: Whisper):
+    """openai-whisper's own Whisper class holding our state dict: the same weights, their code."""
+    import whisper
+
+    theirs = whisper.model.Whisper(whisper.model.ModelDimensions(**asdict(model.dims)))
+    theirs.load_state_dict(model.state_dict())
+    return theirs.to(model.device, model.dtype).eval()
+
+
+def build_openai_decode(model: Whisper, source, device):
+    import whisper
+
+    theirs = openai_copy(model)
+    options = whisper.DecodingOptions(language="en", without_timestamps=True, fp16=model.dtype == torch.float16)
+
+    def transcribe(clips):
+        mel = torch.stack([whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(c).to(device)),
+                                                       theirs.dims.n_mels) for c in clips])
+        return [r.text for r in whisper.decode(theirs, mel, options)]
+    return transcribe
+
+
+def build_openai_transcribe(model: Whisper, source, device):
+    import whisper
+
+    theirs = openai_copy(model)
+    fp16 = model.dtype == torch.float16
+    return lambda clips: [whisper.transcribe(theirs, c, language="en", temperature=0.0, without_timestamps=True,
+                                             condition_on_previous_text=False, fp16=fp16, verbose=None)["text"]
+                          for c in clips]
+
+
+# Our (OpenAI) parameter names -> Hugging Face's: the inverse of weights.py's mapping.
+OPENAI_TO_HF_BLOCK = {ours: hf for hf, ours in HF_BLOCK_NAMES.items()}
+OPENAI_TO_HF_TOP = {ours: hf for hf, ours in HF_TOP_NAMES.items()}
+
+
+def huggingface_name(name: str) -> str:
+    block = re.match(r"(encoder|decoder)\.blocks\.(\d+)\.(.+)\.(weight|bias)$", name)
+    if block:
+        side, index, module, kind = block.groups()
+        return f"model.{side}.layers.{index}.{OPENAI_TO_HF_BLOCK[module]}.{kind}"
+    if name.endswith("positional_embedding"):  # a bare tensor for OpenAI, an embedding's .weight for HF
+        return f"model.{OPENAI_TO_HF_TOP[name]}.weight"
+    module, _, kind = name.rpartition(".")
+    return f"model.{OPENAI_TO_HF_TOP[module]}.{kind}"
+
+
+def huggingface_state(model: Whisper) -> dict:
+    state = {huggingface_name(name): tensor for name, tensor in model.state_dict().items()}
+    state["proj_out.weight"] = state["model.decoder.embed_tokens.weight"]  # the tied output projection
+    return state
+
+
+def build_transformers(model: Whisper, source, device):
+    os.environ["HF_HUB_OFFLINE"] = "1"  # belt and braces: everything below is built locally
+    import transformers
+    from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    transformers.logging.set_verbosity_error()  # its per-call advice about attention masks is not ours to fix
+    dims = model.dims
+    tokenizer = get_tokenizer(model.is_multilingual, num_languages=model.num_languages, language="en")
+    config = WhisperConfig(
+        vocab_size=dims.n_vocab, num_mel_bins=dims.n_mels, d_model=dims.n_audio_state,
+        encoder_layers=dims.n_audio_layer, encoder_attention_heads=dims.n_audio_head,
+        decoder_layers=dims.n_text_layer, decoder_attention_heads=dims.n_text_head,
+        encoder_ffn_dim=4 * dims.n_audio_state, decoder_ffn_dim=4 * dims.n_text_state,
+        max_source_positions=dims.n_audio_ctx, max_target_positions=dims.n_text_ctx,
+        decoder_start_token_id=tokenizer.sot, eos_token_id=tokenizer.eot, pad_token_id=tokenizer.eot,
+        bos_token_id=tokenizer.eot)
+    theirs = WhisperForConditionalGeneration(config)
+    theirs.load_state_dict(huggingface_state(model), strict=True)
+    # What a hub checkpoint's generation_config.json would hold, from our tokenizer: the same suppressed tokens.
+    generation = dict(
+        decoder_start_token_id=tokenizer.sot, eos_token_id=tokenizer.eot, pad_token_id=tokenizer.eot,
+        bos_token_id=tokenizer.eot, max_length=dims.n_text_ctx, no_timestamps_token_id=tokenizer.no_timestamps,
+        suppress_tokens=suppressed_tokens(tokenizer, "-1"),
+        begin_suppress_tokens=tokenizer.encode(" ") + [tokenizer.eot],
+        is_multilingual=model.is_multilingual, return_timestamps=False)
+    language = {}
+    if model.is_multilingual:
+        generation.update(lang_to_id={f"<|{code}|>": token for code, token in
+                                      zip(tokenizer.all_language_codes, tokenizer.all_language_tokens)},
+                          task_to_id={"transcribe": tokenizer.transcribe, "translate": tokenizer.translate})
+        language = {"language": "en", "task": "transcribe"}  # English-only models refuse these arguments
+    theirs.generation_config = GenerationConfig(**generation)
+    theirs = theirs.to(device, model.dtype).eval()
+    features = WhisperFeatureExtractor(feature_size=dims.n_mels)
+
+    @torch.no_grad()
+    def transcribe(clips):
+        mel = features(clips, sampling_rate=SAMPLE_RATE, return_tensors="pt", device=device.type).input_features
+        out = theirs.generate(mel.to(device, model.dtype), do_sample=False, num_beams=1,
+                              max_new_tokens=MAX_NEW_TOKENS, **language)
+        return [tokenizer.decode([t for t in row.tolist() if t < tokenizer.eot]).strip() for row in out]
+    return transcribe
+
+
+def ct2_model(source, compute_type, device):
+    """faster-whisper's WhisperModel on our CT2 files; a model shipped in parts is joined in a temporary folder."""
+    from faster_whisper import WhisperModel
+
+    files = find_model_files(source)
+    if not files[0].name.startswith("model.bin"):
+        raise Unavailable(f"{source} is not a CTranslate2 model (faster-whisper's format)")
+    if not (files[0].parent / "tokenizer.json").exists():  # faster-whisper would download one
+        raise Unavailable(f"no tokenizer.json beside {files[0]}")
+    threads = torch.get_num_threads()
+    if len(files) == 1:
+        return WhisperModel(str(files[0].parent), device=device.type, compute_type=compute_type, cpu_threads=threads)
+    with tempfile.TemporaryDirectory() as folder:  # WhisperModel reads everything when built
+        with open(Path(folder) / "model.bin", "wb") as joined:
+            for part in files:
+                with open(part, "rb") as piece:
+                    shutil.copyfileobj(piece, joined)
+        for extra in ("config.json", "vocabulary.txt", "tokenizer.json", "preprocessor_config.json"):
+            if (files[0].parent / extra).exists():
+                shutil.copy(files[0].parent / extra, folder)
+        return WhisperModel(folder, device=device.type, compute_type=compute_type, cpu_threads=threads)
+
+
+def build_faster(compute_type):
+    def build(model: Whisper, source, device):
+        theirs = ct2_model(source, compute_type, device)
+
+        def transcribe(clips):
+            texts = []
+            for clip in clips:
+                segments, _ = theirs.transcribe(clip, language="en", beam_size=1, best_of=1, temperature=0.0,
+                                                without_timestamps=True, condition_on_previous_text=False,
+                                                vad_filter=False)
+                texts.append("".join(s.text for s in segments).strip())  # segments is lazy: this decodes
+            return texts
+        return transcribe
+    return build
+
+
+def engines(device) -> List[Engine]:
+    faster_types = ("float16",) if device.type == "cuda" else ("float32", "int8")
+    return [
+        Engine("ours", "ours", "model", "fastwhisper", True, build_ours),
+        Engine("openai-whisper decode", "openai", "whisper", "openai-whisper", True, build_openai_decode),
+        Engine("openai-whisper transcribe", "openai", "whisper", "openai-whisper", False, build_openai_transcribe),
+        Engine("transformers generate", "transformers", "transformers", "transformers", True, build_transformers),
+    ] + [Engine(f"faster-whisper {t}", "faster", "faster_whisper", "faster-whisper", False, build_faster(t),
+                torch_memory=False) for t in faster_types]
+
+
+# ----------------------------------------------------------------------------- running them
+
+def version_of(package):
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def engine_rows(engine: Engine, model: Whisper, source, utterances, batch_sizes, passes, device) -> List[dict]:
+    """One row per batch size: measured, or a status saying why not."""
+    base = dict.fromkeys(ROW_FIELDS)
+    base.update(model=engine.name, package=engine.package, set="utterances", decoder="greedy",
+                n_items=len(utterances), version=version_of(engine.package) if engine.peer != "ours" else None)
+    sizes = batch_sizes if engine.batched else [1]
+    if importlib.util.find_spec(engine.module) is None:
+        return [{**base, "batch_size": b, "status": "not installed"} for b in sizes]
+    try:
+        transcribe = engine.build(model, source, device)
+    except Exception as error:  # noqa: BLE001  a peer that fails to load costs its rows, not the table
+        status = f"unavailable: {error}" if isinstance(error, Unavailable) else f"error: {one_line(error)}"
+        return [{**base, "batch_size": b, "status": status} for b in sizes]
+    rows = []
+    for batch_size in sizes:
+        print(f"{engine.name}: batch {batch_size}", flush=True)
+        row = {**base, "batch_size": batch_size}
+        batches = full_batches(utterances, batch_size)
+        try:
+            batch_s, outputs, peak = time_batches(lambda batch: transcribe([c.audio for c in batch]), batches,
+                                                  passes, device)
+        except Exception as error:  # noqa: BLE001
+            rows.append({**row, "status": f"error: {one_line(error)}"})
+            continue
+        row.update(run_summary(batch_s, [sum(c.seconds for c in batch) for batch in batches]))
+        hypotheses = {c.id: text for batch, texts in zip(batches, outputs) for c, text in zip(batch, texts)}
+        row.update(status="ok", peak_mib=peak if engine.torch_memory or device.type != "cuda" else None,
+                   wer=word_error_rate([c.text for c in utterances], [hypotheses[c.id] for c in utterances])["wer"],
+                   hypotheses=[hypotheses[c.id] for c in utterances])
+        if not engine.torch_memory and device.type == "cuda":
+            row["note"] = "peak memory not measured: CTranslate2 allocates GPU memory outside torch"
+        rows.append(row)
+    return rows
+
+
+def compare_with_ours(rows):
+    """wer_vs_ours (our transcripts as the reference) and time_vs_ours (their time / ours) at each batch size."""
+    ours = {r["batch_size"]: r for r in rows if r["model"] == "ours" and r["status"] == "ok"}
+    for row in rows:
+        mine = ours.get(row["batch_size"])
+        if row["status"] == "ok" and mine is not None:
+            row["wer_vs_ours"] = word_error_rate(mine["hypotheses"], row["hypotheses"])["wer"]
+            row["time_vs_ours"] = row["total_s"] / mine["total_s"]
+
+
+def print_table(rows):
+    header = (f"{'engine':26s} {'version':10s} {'batch':>5s} {'RTF':>7s} {'audio s/s':>9s} {'median ms':>10s} "
+              f"{'p90 ms':>9s} {'peak MiB':>8s} {'WER %':>6s} {'vs ours %':>9s} {'time/ours':>9s}")
+    print("\n" + header + "\n" + "-" * len(header))
+    for r in rows:
+        start = f"{r['model']:26s} {r['version'] or '-':10s} {r['batch_size']:5d}"
+        if r["status"] != "ok":
+            print(f"{start} {r['status']}")
+            continue
+        print(f"{start} {r['rtf']:7.4f} {r['audio_s_per_s']:9.2f} {r['latency_ms_median']:10.1f} "
+              f"{r['latency_ms_p90']:9.1f} {number(r['peak_mib'], '8.0f')} {100 * r['wer']:6.2f} "
+              f"{100 * r['wer_vs_ours']:9.2f} {r['time_vs_ours']:8.2f}x")
+
+
+def print_summary(rows):
+    """The issue's goal: our RTF at or below faster-whisper's (float32 on CPU), greedy, batch 1."""
+    at_1 = {r["model"]: r for r in rows if r["batch_size"] == 1 and r["status"] == "ok"}
+    if "ours" not in at_1:
+        return
+    print(f"\nbatch 1: ours RTF {at_1['ours']['rtf']:.4f}")
+    for name in ("faster-whisper float32", "faster-whisper float16", "faster-whisper int8"):
+        if name in at_1:
+            verdict = "at or below" if at_1["ours"]["rtf"] <= at_1[name]["rtf"] else "above"
+            print(f"  {name}: RTF {at_1[name]['rtf']:.4f}: ours is {verdict} it ({at_1[name]['time_vs_ours']:.2f}x "
+                  "our time)")
+
+
+def run(args):
+    device = pick_device(args.device)
+    if args.quick:
+        for name, value in QUICK.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+    args.model = args.model or "base"
+    args.batch_sizes = args.batch_sizes or ([1, 16] if device.type == "cuda" else [1])
+    args.passes = args.passes or (3 if device.type == "cuda" else 1)
+    args.peers = args.peers or list(PEERS)
+    utterances, _, description = load_clips(args.data, args.speakers, args.utterances or 30, 0)
+    model = load_model(args.model, device, DTYPES[args.dtype] if args.dtype else None)
+    header = report_header("peers", device)
+    print(f"device: {header['device_name']}; torch {torch.__version__}; dtype {model.dtype}; model {args.model}")
+    print(f"utterances: {description}: {sum(c.seconds for c in utterances):.1f} s")
+    print(f"batch sizes {args.batch_sizes} (engines that take one utterance per call: 1); peers {args.peers}; "
+          f"{args.passes} timed pass(es) after a warm-up batch")
+
+    rows = []
+    for engine in engines(device):
+        if engine.peer == "ours" or engine.peer in args.peers:
+            rows += engine_rows(engine, model, args.model, utterances, args.batch_sizes, args.passes, device)
+            gc.collect()  # the engine's copy of the model goes before the next one loads
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    compare_with_ours(rows)
+    print_table(rows)
+    print_summary(rows)
+    title = f"{header['device_name']}, {model.dtype}: {args.model}, same weights in every engine"
+    plot, plot_note = plot_runs([r for r in rows if r["status"] == "ok"], args.plot, title)
+    print(f"plot: {plot}" if plot else f"plot: {plot_note}")
+
+    report = header
+    report.update(
+        model=args.model, dtype=str(model.dtype), quick=args.quick, peers=args.peers,
+        utterances={"description": description, "n": len(utterances),
+                    "audio_seconds": sum(c.seconds for c in utterances), "ids": [c.id for c in utterances]},
+        batch_sizes=args.batch_sizes, passes=args.passes, rows=rows, plot=plot, plot_note=plot_note,
+        notes=["every engine: waveform to text with its own front end, greedy, temperature 0, no timestamps, "
+               "English; one warm-up batch, then the median of the timed passes per batch",
+               "wer: against the references; wer_vs_ours: against our transcripts; time_vs_ours: total_s / ours",
+               "engines that take one utterance per call (openai-whisper transcribe, faster-whisper) run at batch 1",
+               "peak_mib: on CUDA torch's allocator (null for CTranslate2); on CPU the peak-RSS growth of the "
+               "warm-up call"])
+    write_json(report, args.json)
