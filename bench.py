@@ -41,7 +41,8 @@ def add_models_flags(models):
     models.add_argument("--decoders", nargs="+", choices=list(bench_models.DECODERS), help="default: both")
     models.add_argument("--windows", type=int, help="30 s windows of joined utterances, timed at batch 1 (default 4)")
     models.add_argument("--repeats", type=positive_int, help="timed calls per split measurement (default 3)")
-    models.add_argument("--warmup", type=int, default=1, help="untimed calls before each split measurement")
+    models.add_argument("--warmup", type=int, default=1, help="untimed calls before each split measurement "
+                                                              "(at least 1: the first measures peak memory)")
     models.add_argument("--json", default="bench.json", help="where the report goes")
     models.add_argument("--plot", default="bench.png", help="where the plot goes (needs matplotlib)")
     models.set_defaults(run=bench_models.run)

@@ -54,14 +54,15 @@ def time_calls_ms(call, device, repeats, before_each):
     return times
 
 
-def median_ms(call, device, warmup, repeats, before_each=lambda: None):
-    """(median ms, all timed ms) of `repeats` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        before_each()
+def median_ms(call, device, warmup, repeats):
+    """(median ms, all timed ms, peak extra MiB) of `repeats` timed calls after max(warmup, 1) untimed ones,
+    the first of which measures the peak memory a call needs."""
+    peak = peak_extra_mib(call, device)
+    for _ in range(warmup - 1):
         call()
     synchronize(device)
-    times = time_calls_ms(call, device, repeats, before_each)
-    return statistics.median(times), times
+    times = time_calls_ms(call, device, repeats, before_each=lambda: None)
+    return statistics.median(times), times, peak
 
 
 def timed_s(call, device):
@@ -152,8 +153,8 @@ def report_header(mode, device):
 def write_json(report, path):
     """Writes the report, with the load average at its end beside the one at its start."""
     report["load_average_end"] = load_average()
-    print(f"load average (1 min): {report['load_average_start']} at the start, {report['load_average_end']} at the end "
-          f"({report['cpu_count']} CPUs)")
+    print(f"load average (1 min): {number(report['load_average_start'], '.2f')} at the start, "
+          f"{number(report['load_average_end'], '.2f')} at the end ({report['cpu_count']} CPUs)")
     with open(path, "w") as out:
         json.dump(report, out, indent=1, allow_nan=False)
     print(f"\nwrote {path}")
@@ -221,16 +222,42 @@ def full_batches(items, batch_size):
     return [[items[(i * batch_size + j) % len(items)] for j in range(batch_size)] for i in range(n_batches)]
 
 
-def time_batches(transcribe, batches, passes, device):
-    """Warm-up on the first batch (its peak memory is measured), then `passes` timed passes over all batches.
-    Returns (median seconds per batch, each batch's output from the last pass, peak extra MiB)."""
-    peak = peak_extra_mib(lambda: transcribe(batches[0]), device)
-    seconds, outputs = [[] for _ in batches], [None] * len(batches)
+@dataclass
+class Timed:
+    """One contender's part of an interleaved run: per batch the median seconds and the last pass's output."""
+    seconds: List[float]
+    outputs: list
+    peak_mib: Optional[float]
+    error: Optional[str] = None  # the first failure, after which the contender sat out
+
+
+def time_interleaved(calls, batches, passes, device):
+    """Times every call on every batch, the calls taking turns batch by batch (a, b, c on batch 0, then on
+    batch 1, ...), so a change in what else runs on the machine hits them all alike rather than whichever
+    ran at that moment. calls: {name: call(index, batch) -> output}, run in that order. First each call
+    warms up on batch 0 (its peak memory is recorded), then `passes` timed passes. A call that raises
+    records the error and sits out the rest. Returns {name: Timed}."""
+    timed = {name: Timed([[] for _ in batches], [None] * len(batches), None) for name in calls}
+
+    def attempt(name, function, *args):
+        try:
+            return function(*args)
+        except Exception as error:  # noqa: BLE001  one contender failing costs its rows, not the others'
+            timed[name].error = one_line(error)
+
+    for name, call in calls.items():
+        timed[name].peak_mib = attempt(name, peak_extra_mib, functools.partial(call, 0, batches[0]), device)
     for _ in range(passes):
         for i, batch in enumerate(batches):
-            outputs[i], elapsed = timed_s(functools.partial(transcribe, batch), device)
-            seconds[i].append(elapsed)
-    return [statistics.median(s) for s in seconds], outputs, peak
+            for name, call in calls.items():
+                if timed[name].error is None:
+                    measured = attempt(name, timed_s, functools.partial(call, i, batch), device)
+                    if measured is not None:
+                        timed[name].outputs[i] = measured[0]
+                        timed[name].seconds[i].append(measured[1])
+    for result in timed.values():
+        result.seconds = None if result.error else [statistics.median(s) for s in result.seconds]
+    return timed
 
 
 def run_summary(batch_s, batch_audio_s, tokens=None):
@@ -247,10 +274,9 @@ def run_summary(batch_s, batch_audio_s, tokens=None):
 # ----------------------------------------------------------------------------- the plot
 
 def plot_runs(runs, path, title):
-    """Two panels: median latency per batch vs batch size (utterances), and latency vs audio length at
-    batch 1 (every utterance and window). One colour per model; forced-length runs dashed (crosses), beam
-    search dotted.
-    Returns (path or None, a note saying why there is no plot)."""
+    """Latency vs audio length at batch 1 (a point per utterance or window; greedy where it ran) and, when
+    several batch sizes ran, median latency per batch vs batch size. A colour per model; forced-length runs
+    are crosses and dashed lines, beam search dotted. Returns (path or None, a note saying why not)."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no display
@@ -258,28 +284,32 @@ def plot_runs(runs, path, title):
     except ImportError:
         return None, "matplotlib is not installed: no plot (pip install matplotlib)"
     runs = [r for r in runs if r.get("total_s") is not None]
-    names = list(dict.fromkeys(r["model"] for r in runs))
-    colours = {name: f"C{i % 10}" for i, name in enumerate(names)}
-    figure, (by_batch, by_length) = plt.subplots(1, 2, figsize=(13, 5))
+    if not runs:
+        return None, "nothing was measured: no plot"
+    colours = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(r["model"] for r in runs))}
+    batch_sizes = sorted({r["batch_size"] for r in runs if r["set"] == "utterances"})
+    length_decoder = "greedy" if any(r["decoder"] == "greedy" for r in runs) else runs[0]["decoder"]
+    figure, panels = plt.subplots(1, 2 if len(batch_sizes) > 1 else 1, figsize=(13, 5), squeeze=False)
+    by_length = panels[0][-1]
     for (name, decoder), rows in _group(runs, lambda r: (r["model"], r["decoder"])).items():
-        style = ":" if decoder != "greedy" else "--" if rows[0].get("forced_length") else "-"
-        utterance_rows = sorted((r for r in rows if r["set"] == "utterances"), key=lambda r: r["batch_size"])
-        if len(utterance_rows) > 1:
-            by_batch.plot([r["batch_size"] for r in utterance_rows], [r["latency_ms_median"] for r in utterance_rows],
-                          style, marker="o", color=colours[name], label=f"{name} {decoder}")
-        points = [(s, ms) for r in rows if r["batch_size"] == 1 for s, ms in zip(r["batch_audio_s"], r["batch_ms"])]
-        if decoder == "greedy" and points:  # one point per clip: latency follows the tokens, not only the length
-            by_length.scatter(*zip(*points), s=14, color=colours[name], label=name,
-                              marker="x" if rows[0].get("forced_length") else "o")
-    by_batch.set(xlabel="batch size", ylabel="median latency per batch (ms)", yscale="log",
-                 title="latency vs batch size (utterances)")
-    by_batch.set_xscale("log", base=2)
-    batch_sizes = sorted({r["batch_size"] for r in runs})
-    by_batch.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
-    by_length.set(xlabel="audio length (s)", ylabel="latency (ms)", title="latency vs audio length (batch 1, greedy)")
-    for axes in (by_batch, by_length):
-        if axes.get_legend_handles_labels()[0]:
-            axes.legend(fontsize=7)
+        forced = rows[0].get("forced_length")
+        if decoder == length_decoder:  # latency follows the tokens as much as the length: no line through them
+            points = [point for r in rows if r["batch_size"] == 1 for point in zip(r["batch_audio_s"], r["batch_ms"])]
+            by_length.scatter(*zip(*points), s=14, color=colours[name], label=name, marker="x" if forced else "o")
+        if len(batch_sizes) > 1:
+            line = sorted((r for r in rows if r["set"] == "utterances"), key=lambda r: r["batch_size"])
+            panels[0][0].plot([r["batch_size"] for r in line], [r["latency_ms_median"] for r in line],
+                              ":" if decoder != "greedy" else "--" if forced else "-", marker="o",
+                              color=colours[name], label=f"{name} {decoder}")
+    by_length.set(xlabel="audio length (s)", ylabel="latency (ms)",
+                  title=f"latency vs audio length (batch 1, {length_decoder})")
+    if len(batch_sizes) > 1:
+        panels[0][0].set(xlabel="batch size", ylabel="median latency per batch (ms)", yscale="log",
+                         title="latency vs batch size (utterances)")
+        panels[0][0].set_xscale("log", base=2)
+        panels[0][0].set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+    for axes in panels[0]:
+        axes.legend(fontsize=7)
         axes.grid(alpha=0.3)
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()

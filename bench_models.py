@@ -11,8 +11,9 @@ timestamps, so every model does the same kind of work.
 
   end to end  transcribe_clips() batch by batch: latency per utterance at batch 1, throughput at larger
               batches (batches are full: the utterance list is cycled to fill the last); windows at batch 1.
-              One untimed warm-up batch first (its peak memory is recorded), then --passes timed passes; per
-              batch the median. The clock is wall time with the GPU drained before and after.
+              The models take turns on each batch (teacher, students, next batch), so a change in the machine's
+              load hits them alike. Each first decodes batch 0 untimed (its peak memory is recorded), then
+              --passes timed passes; per batch the median. Wall time, the GPU drained before and after.
   the split   on a fixed batch: log-Mel (clip_mels), encoder (embed_audio), the first decoder step (the prompt,
               and the cross-attention keys/values of the audio), and each further token (the mean of
               STEPS_TIMED steps on the KV cache); median of --repeats after --warmup calls, CUDA events on GPU.
@@ -32,8 +33,8 @@ from typing import List, Optional
 import torch
 
 from bench_common import (
-    DTYPES, WINDOW_SECONDS, Clip, full_batches, load_clips, median_ms, number, peak_extra_mib, pick_device, plot_runs,
-    report_header, run_summary, time_batches, write_json,
+    DTYPES, WINDOW_SECONDS, Clip, full_batches, load_clips, median_ms, number, pick_device, plot_runs,
+    report_header, run_summary, time_interleaved, write_json,
 )
 from decoding import NO_FALLBACK, DecodingOptions, initial_tokens
 from evaluate import word_error_rate
@@ -136,50 +137,61 @@ class StepCounter:
 
 # ----------------------------------------------------------------------------- end to end
 
-def measured_run(contender: Contender, clips: List[Clip], decoder: str, batch_size: int, args, device,
-                 forced_steps: Optional[List[int]] = None) -> dict:
-    """transcribe_clips() over the clips, batch by batch: times, steps, tokens, WER. forced_steps: the
-    number of decoder steps of each batch, for an untrained student."""
+def transcriber(contender: Contender, decoder: str, teacher_steps: dict, records_steps: bool):
+    """call(index, batch) -> (results, decoder steps) for time_interleaved. The teacher records its steps per
+    batch in teacher_steps; a forced-length student, which runs after it on every batch, takes them."""
     model, options, counter = contender.model, decoding_options(decoder), StepCounter(contender.model)
 
-    def transcribe(numbered_batch):
-        index, batch = numbered_batch
-        batch_options = options if forced_steps is None else forced_options(options, model, forced_steps[index])
+    def call(index, batch):
+        batch_options = options
+        if contender.forced_length:
+            batch_options = forced_options(options, model, teacher_steps[index])
         counter.count = 0
         results = transcribe_clips(model, [c.audio for c in batch], batch_options, NO_FALLBACK, len(batch))
+        if records_steps:
+            teacher_steps[index] = counter.count
         return results, counter.count
+    return call, counter
 
-    batches = full_batches(clips, batch_size)
-    try:
-        batch_s, outputs, peak = time_batches(transcribe, list(enumerate(batches)), args.passes, device)
-    finally:
-        counter.close()
+
+def run_row(contender: Contender, clips: List[Clip], batches: List[List[Clip]], timed) -> dict:
+    """Times, steps, tokens and WER of one model's pass over the clips."""
+    if timed.error:
+        raise SystemExit(f"{contender.name} failed: {timed.error}")
+    outputs = timed.outputs
     hypotheses = {c.id: r.text for batch, (results, _) in zip(batches, outputs) for c, r in zip(batch, results)}
     row = dict.fromkeys(RUN_FIELDS)
-    row.update(run_summary(batch_s, [sum(c.seconds for c in batch) for batch in batches],
+    row.update(run_summary(timed.seconds, [sum(c.seconds for c in batch) for batch in batches],
                            tokens=sum(len(r.tokens) for results, _ in outputs for r in results)))
-    row.update(forced_length=forced_steps is not None, n_items=len(clips), steps=[steps for _, steps in outputs],
-               peak_mib=peak)
-    if forced_steps is None:
+    row.update(forced_length=contender.forced_length, n_items=len(clips), steps=[steps for _, steps in outputs],
+               peak_mib=timed.peak_mib)
+    if not contender.forced_length:
         row["wer"] = word_error_rate([c.text for c in clips], [hypotheses[c.id] for c in clips])["wer"]
     return row
 
 
 def end_to_end(contenders: List[Contender], utterances, windows, args, device) -> List[dict]:
-    """Every model, decoder and set: utterances at each batch size, windows at batch 1. The teacher runs first:
-    a forced-length student takes its step counts."""
+    """Every decoder and set, utterances at each batch size and windows at 1, all models taking turns on each
+    batch, the teacher first (a forced-length student takes its step counts)."""
     runs, sets = [], (("utterances", utterances, args.batch_sizes), ("windows", windows, [1]))
-    for contender in contenders:
-        for decoder in args.decoders:
-            for set_name, clips, batch_sizes in sets:
-                for batch_size in batch_sizes if clips else []:
-                    print(f"{contender.name}: {set_name}, {decoder}, batch {batch_size}", flush=True)
-                    forced_steps = None
-                    if contender.forced_length:
-                        forced_steps = find(runs, contenders[0].name, decoder, batch_size, set_name)[0]["steps"]
-                    row = measured_run(contender, clips, decoder, batch_size, args, device, forced_steps)
-                    runs.append({**row, "model": contender.name, "set": set_name, "decoder": decoder,
-                                 "batch_size": batch_size})
+    for decoder in args.decoders:
+        for set_name, clips, batch_sizes in sets:
+            for batch_size in batch_sizes if clips else []:
+                print(f"end to end: {set_name}, {decoder}, batch {batch_size}: each batch through every model "
+                      "in turn", flush=True)
+                batches, teacher_steps = full_batches(clips, batch_size), {}
+                calls, counters = {}, []
+                for contender in contenders:
+                    call, counter = transcriber(contender, decoder, teacher_steps, contender is contenders[0])
+                    calls[contender.name] = call
+                    counters.append(counter)
+                try:
+                    timed = time_interleaved(calls, batches, args.passes, device)
+                finally:
+                    for counter in counters:
+                        counter.close()
+                runs += [{**run_row(c, clips, batches, timed[c.name]), "model": c.name, "set": set_name,
+                          "decoder": decoder, "batch_size": batch_size} for c in contenders]
     for row in runs:
         row["speedup_vs_teacher"] = find(runs, contenders[0].name, row["decoder"], row["batch_size"],
                                          row["set"])[0]["total_s"] / row["total_s"]
@@ -217,20 +229,16 @@ def measure_split(model: Whisper, mel: torch.Tensor, beams: int, args, device) -
                 cache.reorder_beams(keep_rows)  # beam search moves the self-attention cache every step
         return logits
 
-    def whole_decoder():  # for the peak memory: a fresh cache, as decode() allocates
-        cache = model.new_cache(rows, len(prompt) + STEPS_TIMED)
-        first_step(cache)
-        return further_steps(cache)
-
     cache = model.new_cache(rows, len(prompt) + STEPS_TIMED)
-    encoder_ms, encoder_times = median_ms(lambda: model.embed_audio(mel), device, args.warmup, args.repeats)
-    first_ms, first_times = median_ms(lambda: first_step(cache), device, args.warmup, args.repeats)
-    steps_ms, steps_times = median_ms(lambda: further_steps(cache), device, args.warmup, args.repeats)
+    encoder_ms, encoder_times, encoder_peak = median_ms(lambda: model.embed_audio(mel), device, args.warmup,
+                                                        args.repeats)
+    first_ms, first_times, first_peak = median_ms(lambda: first_step(cache), device, args.warmup, args.repeats)
+    steps_ms, steps_times, steps_peak = median_ms(lambda: further_steps(cache), device, args.warmup, args.repeats)
+    peaks = [p for p in (first_peak, steps_peak) if p is not None]
     return {"rows": rows, "encoder_ms": encoder_ms, "first_step_ms": first_ms, "per_token_ms": steps_ms / STEPS_TIMED,
             "encoder_times_ms": encoder_times, "first_step_times_ms": first_times,
-            "per_token_times_ms": [t / STEPS_TIMED for t in steps_times],
-            "encoder_peak_mib": peak_extra_mib(lambda: model.embed_audio(mel), device),
-            "decoder_peak_mib": peak_extra_mib(whole_decoder, device)}
+            "per_token_times_ms": [t / STEPS_TIMED for t in steps_times], "encoder_peak_mib": encoder_peak,
+            "decoder_peak_mib": max(peaks) if peaks else None}
 
 
 def network_ms(split: dict, steps: int) -> float:
@@ -365,8 +373,8 @@ def run(args):
     header = report_header("models", device)
     print(f"device: {header['device_name']}; torch {torch.__version__}; dtype {teacher.model.dtype}")
     print(f"utterances: {description}: {sum(c.seconds for c in utterances):.1f} s")
-    print(f"windows: {len(windows)} of up to {WINDOW_SECONDS:.0f} s (consecutive utterances joined): "
-          f"{', '.join(f'{c.seconds:.1f}' for c in windows)} s")
+    print(f"windows: {len(windows)} of up to {WINDOW_SECONDS:.0f} s (consecutive utterances joined)"
+          + (f": {', '.join(f'{c.seconds:.1f}' for c in windows)} s" if windows else ""))
     print(f"batch sizes {args.batch_sizes} (windows: 1); decoders {args.decoders}; warm-up {args.warmup}, "
           f"median of {args.repeats} (split), {args.passes} timed pass(es) (end to end)")
 

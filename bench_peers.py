@@ -13,11 +13,13 @@ Engines; every peer is optional, and one that is not installed is a row saying s
   faster-whisper TYPE          CTranslate2's WhisperModel.transcribe(), one utterance per call, no VAD; our CT2
                                model.bin is its native format (TYPE: float32 and int8 on CPU, float16 on CUDA)
 Every engine goes from the waveform to text with its own front end, greedy, temperature 0 only (no fallback), no
-timestamps, English. Engines that take one utterance per call run at batch 1 only. Each (engine, batch size) gets
-an untimed warm-up batch (its peak memory is recorded), then --passes timed passes; per batch the median.
-WER is against the references and against our transcripts ("vs ours"): on the same weights they should agree.
+timestamps, English. Engines that take one utterance per call run at batch 1 only (batch 1 always runs). All
+engines are loaded first; then, per batch size, they take turns on each batch, so a change in the machine's load
+hits them alike. Each first decodes batch 0 untimed (its peak memory is recorded), then --passes timed passes;
+per batch the median. WER is against the references and against our transcripts ("vs ours"): on the same
+weights they should agree.
 """
-import gc
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -33,7 +35,7 @@ import torch
 from audio import SAMPLE_RATE
 from bench_common import (
     DTYPES, full_batches, load_clips, number, one_line, pick_device, plot_runs, report_header, run_summary,
-    time_batches, write_json,
+    time_interleaved, write_json,
 )
 from decoding import NO_FALLBACK, DecodingOptions, suppressed_tokens
 from evaluate import word_error_rate
@@ -75,6 +77,7 @@ def build_ours(model: Whisper, source, device):
     return lambda clips: [r.text for r in transcribe_clips(model, clips, options, NO_FALLBACK, len(clips))]
 
 
+@functools.lru_cache(maxsize=1)  # decode and transcribe share one copy
 def openai_copy(model: Whisper):
     """openai-whisper's own Whisper class holding our state dict: the same weights, their code."""
     import whisper
@@ -232,39 +235,59 @@ def version_of(package):
         return None
 
 
-def engine_rows(engine: Engine, model: Whisper, source, utterances, batch_sizes, passes, device) -> List[dict]:
-    """One row per batch size: measured, or a status saying why not."""
-    base = dict.fromkeys(ROW_FIELDS)
-    base.update(model=engine.name, package=engine.package, set="utterances", decoder="greedy",
-                n_items=len(utterances), version=version_of(engine.package) if engine.peer != "ours" else None)
-    sizes = batch_sizes if engine.batched else [1]
+def prepare(engine: Engine, model: Whisper, source, device):
+    """(transcribe or None, status): the engine built, or why it cannot run here."""
     if importlib.util.find_spec(engine.module) is None:
-        return [{**base, "batch_size": b, "status": "not installed"} for b in sizes]
+        return None, "not installed"
+    print(f"loading {engine.name}", flush=True)
     try:
-        transcribe = engine.build(model, source, device)
+        return engine.build(model, source, device), "ok"
+    except Unavailable as why:
+        return None, f"unavailable: {why}"
     except Exception as error:  # noqa: BLE001  a peer that fails to load costs its rows, not the table
-        status = f"unavailable: {error}" if isinstance(error, Unavailable) else f"error: {one_line(error)}"
-        return [{**base, "batch_size": b, "status": status} for b in sizes]
+        return None, f"error: {one_line(error)}"
+
+
+def engine_row(engine: Engine, batch_size, status, utterances, batches=None, timed=None, device=None) -> dict:
+    """One engine at one batch size: measured, or a status saying why not."""
+    row = dict.fromkeys(ROW_FIELDS)
+    row.update(model=engine.name, package=engine.package, set="utterances", decoder="greedy", batch_size=batch_size,
+               n_items=len(utterances), status=status,
+               version=version_of(engine.package) if engine.peer != "ours" else None)
+    if timed is None:
+        return row
+    if timed.error:
+        return {**row, "status": f"error: {timed.error}"}
+    hypotheses = {c.id: text for batch, texts in zip(batches, timed.outputs) for c, text in zip(batch, texts)}
+    row.update(run_summary(timed.seconds, [sum(c.seconds for c in batch) for batch in batches]))
+    row.update(wer=word_error_rate([c.text for c in utterances], [hypotheses[c.id] for c in utterances])["wer"],
+               hypotheses=[hypotheses[c.id] for c in utterances], peak_mib=timed.peak_mib)
+    if device.type == "cuda" and not engine.torch_memory:
+        row.update(peak_mib=None, note="peak memory not measured: CTranslate2 allocates GPU memory outside torch")
+    return row
+
+
+def measure_engines(prepared, utterances, batch_sizes, passes, device) -> List[dict]:
+    """Per batch size, every ready engine that takes batches of that size, taking turns on each batch."""
     rows = []
-    for batch_size in sizes:
-        print(f"{engine.name}: batch {batch_size}", flush=True)
-        row = {**base, "batch_size": batch_size}
-        batches = full_batches(utterances, batch_size)
-        try:
-            batch_s, outputs, peak = time_batches(lambda batch: transcribe([c.audio for c in batch]), batches,
-                                                  passes, device)
-        except Exception as error:  # noqa: BLE001
-            rows.append({**row, "status": f"error: {one_line(error)}"})
+    for batch_size in batch_sizes:
+        ready = [(e, t) for e, t, status in prepared if status == "ok" and (e.batched or batch_size == 1)]
+        if not ready:
             continue
-        row.update(run_summary(batch_s, [sum(c.seconds for c in batch) for batch in batches]))
-        hypotheses = {c.id: text for batch, texts in zip(batches, outputs) for c, text in zip(batch, texts)}
-        row.update(status="ok", peak_mib=peak if engine.torch_memory or device.type != "cuda" else None,
-                   wer=word_error_rate([c.text for c in utterances], [hypotheses[c.id] for c in utterances])["wer"],
-                   hypotheses=[hypotheses[c.id] for c in utterances])
-        if not engine.torch_memory and device.type == "cuda":
-            row["note"] = "peak memory not measured: CTranslate2 allocates GPU memory outside torch"
-        rows.append(row)
-    return rows
+        print(f"batch {batch_size}: each batch through {', '.join(e.name for e, _ in ready)} in turn", flush=True)
+        batches = full_batches(utterances, batch_size)
+        calls = {e.name: functools.partial(transcribe_texts, t) for e, t in ready}
+        timed = time_interleaved(calls, batches, passes, device)
+        rows += [engine_row(e, batch_size, "ok", utterances, batches, timed[e.name], device) for e, _ in ready]
+    for engine, _, status in prepared:  # the engines that could not run: one row per batch size they would take
+        if status != "ok":
+            rows += [engine_row(engine, b, status, utterances) for b in batch_sizes if engine.batched or b == 1]
+    order = [engine.name for engine, _, _ in prepared]
+    return sorted(rows, key=lambda r: (order.index(r["model"]), r["batch_size"]))
+
+
+def transcribe_texts(transcribe, index, batch):
+    return transcribe([c.audio for c in batch])
 
 
 def compare_with_ours(rows):
@@ -311,7 +334,7 @@ def run(args):
             if getattr(args, name) is None:
                 setattr(args, name, value)
     args.model = args.model or "base"
-    args.batch_sizes = args.batch_sizes or ([1, 16] if device.type == "cuda" else [1])
+    args.batch_sizes = sorted(set(args.batch_sizes or ([1, 16] if device.type == "cuda" else [1])) | {1})
     args.passes = args.passes or (3 if device.type == "cuda" else 1)
     args.peers = args.peers or list(PEERS)
     utterances, _, description = load_clips(args.data, args.speakers, args.utterances or 30, 0)
@@ -322,13 +345,9 @@ def run(args):
     print(f"batch sizes {args.batch_sizes} (engines that take one utterance per call: 1); peers {args.peers}; "
           f"{args.passes} timed pass(es) after a warm-up batch")
 
-    rows = []
-    for engine in engines(device):
-        if engine.peer == "ours" or engine.peer in args.peers:
-            rows += engine_rows(engine, model, args.model, utterances, args.batch_sizes, args.passes, device)
-            gc.collect()  # the engine's copy of the model goes before the next one loads
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    chosen = [e for e in engines(device) if e.peer == "ours" or e.peer in args.peers]
+    prepared = [(engine, *prepare(engine, model, args.model, device)) for engine in chosen]
+    rows = measure_engines(prepared, utterances, args.batch_sizes, args.passes, device)
     compare_with_ours(rows)
     print_table(rows)
     print_summary(rows)
