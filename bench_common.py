@@ -224,19 +224,25 @@ def full_batches(items, batch_size):
 
 @dataclass
 class Timed:
-    """One contender's part of an interleaved run: per batch the median seconds and the last pass's output."""
+    """One contender's part of a run in turns: per batch the median seconds and the last pass's output."""
     seconds: List[float]
     outputs: list
     peak_mib: Optional[float]
     error: Optional[str] = None  # the first failure, after which the contender sat out
 
 
-def time_interleaved(calls, batches, passes, device):
-    """Times every call on every batch, the calls taking turns batch by batch (a, b, c on batch 0, then on
-    batch 1, ...), so a change in what else runs on the machine hits them all alike rather than whichever
-    ran at that moment. calls: {name: call(index, batch) -> output}, run in that order. First each call
-    warms up on batch 0 (its peak memory is recorded), then `passes` timed passes. A call that raises
-    records the error and sits out the rest. Returns {name: Timed}."""
+SETTLE_S = 0.5  # idle time before each contender's turn (see time_in_turns)
+
+
+def time_in_turns(calls, batches, passes, device):
+    """Times every call on every batch. calls: {name: call(index, batch) -> output}, run in that order.
+    First each call warms up on batch 0 (its peak memory is recorded); then, `passes` times, each call in
+    turn runs all the batches, so a change in the machine's load over minutes hits them alike. The turns
+    are whole passes, after an idle SETTLE_S, not single batches: an engine's OpenMP threads keep spinning
+    for up to ~200 ms after its last call (CTranslate2 ships Intel's runtime, torch GNU's), and on a
+    2-core CPU batch-by-batch turns made each engine pay for the spinning of the one before it (ours
+    measured 0.131 RTF beside faster-whisper, 0.099 alone). A call that raises records the error and sits
+    out the rest. Returns {name: Timed}."""
     timed = {name: Timed([[] for _ in batches], [None] * len(batches), None) for name in calls}
 
     def attempt(name, function, *args):
@@ -246,10 +252,12 @@ def time_interleaved(calls, batches, passes, device):
             timed[name].error = one_line(error)
 
     for name, call in calls.items():
+        time.sleep(SETTLE_S)
         timed[name].peak_mib = attempt(name, peak_extra_mib, functools.partial(call, 0, batches[0]), device)
     for _ in range(passes):
-        for i, batch in enumerate(batches):
-            for name, call in calls.items():
+        for name, call in calls.items():
+            time.sleep(SETTLE_S)
+            for i, batch in enumerate(batches):
                 if timed[name].error is None:
                     measured = attempt(name, timed_s, functools.partial(call, i, batch), device)
                     if measured is not None:

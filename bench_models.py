@@ -11,9 +11,9 @@ timestamps, so every model does the same kind of work.
 
   end to end  transcribe_clips() batch by batch: latency per utterance at batch 1, throughput at larger
               batches (batches are full: the utterance list is cycled to fill the last); windows at batch 1.
-              The models take turns on each batch (teacher, students, next batch), so a change in the machine's
-              load hits them alike. Each first decodes batch 0 untimed (its peak memory is recorded), then
-              --passes timed passes; per batch the median. Wall time, the GPU drained before and after.
+              Each model first decodes batch 0 untimed (its peak memory is recorded); then, --passes times,
+              the models take turns (teacher, students), each running all the batches (bench_common.
+              time_in_turns); per batch the median. Wall time, the GPU drained before and after.
   the split   on a fixed batch: log-Mel (clip_mels), encoder (embed_audio), the first decoder step (the prompt,
               and the cross-attention keys/values of the audio), and each further token (the mean of
               STEPS_TIMED steps on the KV cache); median of --repeats after --warmup calls, CUDA events on GPU.
@@ -34,7 +34,7 @@ import torch
 
 from bench_common import (
     DTYPES, WINDOW_SECONDS, Clip, full_batches, load_clips, median_ms, number, pick_device, plot_runs,
-    report_header, run_summary, time_interleaved, write_json,
+    report_header, run_summary, time_in_turns, write_json,
 )
 from decoding import NO_FALLBACK, DecodingOptions, initial_tokens
 from evaluate import word_error_rate
@@ -97,6 +97,8 @@ def load_contenders(args, device, dtype) -> List[Contender]:
         student = make_student(teacher, decoder_layers=decoder_layers, encoder_layers=encoder_layers).eval()
         source = f"make_student({args.teacher}, decoder_layers={decoder_layers}, encoder_layers={encoder_layers})"
         found.append(Contender(f"student ({encoder_layers},{decoder_layers})", student, source, forced_length=True))
+    for contender in found:
+        contender.model.optimize_for_decoding()  # on CPU, the layout the inference entry points use
     return found
 
 
@@ -138,7 +140,7 @@ class StepCounter:
 # ----------------------------------------------------------------------------- end to end
 
 def transcriber(contender: Contender, decoder: str, teacher_steps: dict, records_steps: bool):
-    """call(index, batch) -> (results, decoder steps) for time_interleaved. The teacher records its steps per
+    """call(index, batch) -> (results, decoder steps) for time_in_turns. The teacher records its steps per
     batch in teacher_steps; a forced-length student, which runs after it on every batch, takes them."""
     model, options, counter = contender.model, decoding_options(decoder), StepCounter(contender.model)
 
@@ -171,14 +173,13 @@ def run_row(contender: Contender, clips: List[Clip], batches: List[List[Clip]], 
 
 
 def end_to_end(contenders: List[Contender], utterances, windows, args, device) -> List[dict]:
-    """Every decoder and set, utterances at each batch size and windows at 1, all models taking turns on each
-    batch, the teacher first (a forced-length student takes its step counts)."""
+    """Every decoder and set, utterances at each batch size and windows at 1, all models taking turns pass by
+    pass, the teacher first (a forced-length student takes its step counts)."""
     runs, sets = [], (("utterances", utterances, args.batch_sizes), ("windows", windows, [1]))
     for decoder in args.decoders:
         for set_name, clips, batch_sizes in sets:
             for batch_size in batch_sizes if clips else []:
-                print(f"end to end: {set_name}, {decoder}, batch {batch_size}: each batch through every model "
-                      "in turn", flush=True)
+                print(f"end to end: {set_name}, {decoder}, batch {batch_size}: every model, in turns", flush=True)
                 batches, teacher_steps = full_batches(clips, batch_size), {}
                 calls, counters = {}, []
                 for contender in contenders:
@@ -186,7 +187,7 @@ def end_to_end(contenders: List[Contender], utterances, windows, args, device) -
                     calls[contender.name] = call
                     counters.append(counter)
                 try:
-                    timed = time_interleaved(calls, batches, args.passes, device)
+                    timed = time_in_turns(calls, batches, args.passes, device)
                 finally:
                     for counter in counters:
                         counter.close()

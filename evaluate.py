@@ -123,7 +123,7 @@ def main(argv=None):
     utterances = [u for source in args.data for u in list_utterances(source, split(args.speakers), split(args.exclude_speakers))]
     utterances = utterances[: args.limit] if args.limit else utterances
     try:
-        model = load_model(args.model, device=args.device)
+        model = load_model(args.model, device=args.device).optimize_for_decoding()
     except (OSError, ValueError) as err:  # unknown name, missing package, broken checkpoint
         sys.exit(f"error: {err}")
     language = None if args.language == "auto" else args.language

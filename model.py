@@ -57,13 +57,33 @@ MODEL_DIMS: Dict[str, ModelDimensions] = {
 # and LayerNorm that always normalises in float32 (as openai/whisper does, for fp16 stability).
 class LayerNorm(nn.LayerNorm):
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        # The parameters are cast too: CPU layer_norm refuses float32 input with half-precision weights.
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type(x.dtype)
 
 
 class Linear(nn.Linear):
+    onednn = False  # see Whisper.optimize_for_decoding
+
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        return linear(x, self.weight.to(x.dtype), bias, self.onednn)
+
+
+def onednn_linear_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):  # an operator namespace this build does not have
+        return False
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], onednn: bool) -> Tensor:
+    """F.linear, or with `onednn` on CPU, when no gradient is needed, oneDNN's linear (inference only:
+    it has no backward). See Whisper.optimize_for_decoding for why."""
+    if onednn and x.device.type == "cpu" and not torch.is_grad_enabled():
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 class Conv1d(nn.Conv1d):
@@ -234,6 +254,8 @@ class AudioEncoder(nn.Module):
 
 
 class TextDecoder(nn.Module):
+    onednn = False  # see Whisper.optimize_for_decoding
+
     def __init__(self, n_vocab: int, n_ctx: int, n_state: int, n_head: int, n_layer: int):
         super().__init__()
         self.token_embedding = nn.Embedding(n_vocab, n_state)
@@ -270,7 +292,7 @@ class TextDecoder(nn.Module):
     def _logits(self, x: Tensor) -> Tensor:
         x = self.ln(x)
         # The output projection is tied to the token embedding.
-        return (x @ self.token_embedding.weight.to(x.dtype).T).float()
+        return linear(x, self.token_embedding.weight.to(x.dtype), None, self.onednn).float()
 
 
 class Whisper(nn.Module):
@@ -292,6 +314,24 @@ class Whisper(nn.Module):
         if audio_features is None:
             audio_features = self.encoder(mel)
         return self.decoder(tokens, audio_features)
+
+    def optimize_for_decoding(self) -> "Whisper":
+        """Switches the model to its fastest inference path on its device; returns self. On CPU, every
+        Linear and the output projection multiply through oneDNN when no gradient is needed; elsewhere
+        nothing changes.
+
+        Why: PyTorch's CPU linear goes to MKL, which on a 2-core EPYC reaches ~130 GFLOP/s on the
+        encoder's (1500 x 512) @ (512 x 2048) products and reads weights at ~8 GB/s in a decoding step
+        (one row times each matrix: bound by memory bandwidth); oneDNN reaches ~200 GFLOP/s and ~21 GB/s
+        on the same products. The sums run in another order, so logits move by ~1e-5 (tests check that
+        transcripts stay the same): `load_model` keeps the plain path, whose float32 logits are
+        bit-identical to openai-whisper's, and the inference entry points (transcribe, evaluate, bench)
+        call this."""
+        use_onednn = self.device.type == "cpu" and onednn_linear_available()
+        for module in self.modules():
+            if isinstance(module, (Linear, TextDecoder)):
+                module.onednn = use_onednn
+        return self
 
     def new_cache(self, batch_size: int, max_length: Optional[int] = None) -> KVCache:
         """An empty KV cache for decoding `batch_size` rows of up to `max_length` tokens."""
@@ -315,6 +355,10 @@ class Whisper(nn.Module):
         return self.dims.n_vocab - 51765 - int(self.is_multilingual)
 
 
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -325,7 +369,7 @@ def load_model(name_or_path, device=None, dtype: Optional[torch.dtype] = None) -
     Defaults: CUDA if present; float16 on GPU, float32 on CPU.
     """
     device = torch.device(device or default_device())
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = dtype or default_dtype(device)
     dims_dict, state = read_checkpoint(name_or_path)
     try:
         dims = ModelDimensions(**dims_dict)

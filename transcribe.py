@@ -222,7 +222,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     try:
-        model = load_model(args.model, device=args.device)
+        model = load_model(args.model, device=args.device).optimize_for_decoding()
     except (OSError, ValueError) as err:  # unknown name, missing package, broken checkpoint
         sys.exit(f"error: {err}")
     options = DecodingOptions(

@@ -246,6 +246,7 @@ def test_a_peer_that_is_not_installed_is_a_row_not_a_crash():
                                 build=lambda *_: pytest.fail("must not be built"))
     transcribe, status = bench_peers.prepare(engine, None, "tiny.en", torch.device("cpu"))
     assert (transcribe, status) == (None, "not installed")
-    rows = bench_peers.measure_engines([(engine, None, status)], [], [1, 4], passes=1, device=torch.device("cpu"))
+    rows = bench_peers.measure_engines([engine], "tiny.en", torch.float32, [], [1, 4], passes=1,
+                                       device=torch.device("cpu"))
     assert [(r["batch_size"], r["status"]) for r in rows] == [(1, "not installed"), (4, "not installed")]
     assert all(r["total_s"] is None and r["wer"] is None and set(r) == set(bench_peers.ROW_FIELDS) for r in rows)

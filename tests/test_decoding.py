@@ -1,4 +1,5 @@
 """Decoding gives openai-whisper's transcripts on the same weights, batched; long-form and bad inputs behave."""
+import copy
 import json
 import subprocess
 import sys
@@ -56,6 +57,19 @@ def test_greedy_transcripts_identical_to_openai_whisper(models, dev_clips):
     ours_wer = word_error_rate(refs, [r.text for r in results])["wer"]
     theirs_wer = word_error_rate(refs, [e.text for e in expected])["wer"]
     assert abs(ours_wer - theirs_wer) <= 0.002 and ours_wer < 0.15
+
+
+def test_decoding_optimized_for_cpu_gives_the_same_transcripts(models, dev_clips):
+    """optimize_for_decoding (oneDNN matmuls) moves logits by ~1e-5: the transcripts must not change, at
+    batch 1 (one row per matrix product, the latency case) and batched."""
+    plain, _ = models
+    fast = copy.deepcopy(plain).optimize_for_decoding()
+    clips = [a for _, a in dev_clips]
+    for batch_size in (1, 10):
+        expected = transcribe_clips(plain, clips, GREEDY, NO_FALLBACK, batch_size=batch_size)
+        results = transcribe_clips(fast, clips, GREEDY, NO_FALLBACK, batch_size=batch_size)
+        assert [r.tokens for r in results] == [e.tokens for e in expected]
+        assert max(abs(r.avg_logprob - e.avg_logprob) for r, e in zip(results, expected)) < 1e-3
 
 
 def test_beam_search_and_timestamps_identical_to_openai_whisper(models, dev_clips):

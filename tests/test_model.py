@@ -1,4 +1,5 @@
 """The model is openai-whisper's model: same logits on the official weights, from every checkpoint format."""
+import copy
 import os
 import shutil
 
@@ -9,7 +10,7 @@ import torch
 import whisper  # test-only reference implementation
 
 from data import list_utterances
-from model import MODEL_DIMS, Whisper, load_model, save_checkpoint
+from model import MODEL_DIMS, Whisper, load_model, onednn_linear_available, save_checkpoint
 from weights import CheckpointError, find_model_files, read_checkpoint
 
 MODELS = ["tiny.en", "base"]
@@ -60,6 +61,48 @@ def test_kv_cache_steps_equal_full_forward(loaded, data_dir):
     assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-3
     with pytest.raises(ValueError, match="KV cache holds"):
         ours.logits(tokens[:, :1], audio, cache)
+
+
+@torch.no_grad()
+def test_optimized_for_decoding_takes_another_path_to_the_same_logits(loaded, data_dir):
+    ours, _ = loaded
+    fast = copy.deepcopy(ours).optimize_for_decoding()
+    assert onednn_linear_available() and fast.decoder.onednn  # else this test would compare a path with itself
+    mel, tokens = _mels(data_dir), _prompt(ours, 8)
+    audio = ours.embed_audio(mel)
+
+    def relative_error(got, expected):
+        return ((got - expected).abs().max() / expected.abs().max()).item()
+
+    assert 0 < relative_error(fast.embed_audio(mel), audio) <= 5e-4  # 1.3e-4 seen: float32 sums reordered
+    plain_logits, fast_logits = ours.logits(tokens, audio), fast.logits(tokens, audio)
+    assert 0 < relative_error(fast_logits, plain_logits) <= 1e-4
+    cache = fast.new_cache(batch_size=3, max_length=tokens.shape[1])  # the decoding step: one row per product
+    steps = [fast.logits(tokens[:, :5], audio, cache)]
+    steps += [fast.logits(tokens[:, i : i + 1], audio, cache) for i in range(5, tokens.shape[1])]
+    assert relative_error(torch.cat(steps, dim=1), plain_logits) <= 1e-4
+
+
+def test_optimized_model_still_trains():
+    """oneDNN's linear has no backward: with gradients on, the optimized model takes F.linear."""
+    model = Whisper(MODEL_DIMS["tiny.en"]).optimize_for_decoding()
+    tokens = torch.randint(0, 50000, (2, 6))
+    loss = model(torch.randn(2, 80, 3000), tokens).logsumexp(-1).mean()
+    loss.backward()
+    grads = [p.grad for p in model.decoder.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@torch.no_grad()
+def test_half_precision_runs_on_cpu(data_dir):
+    """bfloat16 weights on CPU: LayerNorm must cast its parameters as well as its input."""
+    model = load_model("tiny.en", device="cpu", dtype=torch.bfloat16)
+    reference = load_model("tiny.en", device="cpu", dtype=torch.float32)
+    mel, tokens = _mels(data_dir, n=1), _prompt(reference, 4)[:1]
+    logits = model.logits(tokens, model.embed_audio(mel.bfloat16()))
+    expected = reference.logits(tokens, reference.embed_audio(mel))
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.8
 
 
 def test_dimensions_match_published_table():
