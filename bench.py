@@ -18,6 +18,7 @@ import torch
 import bench_kernels
 import bench_models
 import bench_peers
+from model import DTYPES
 
 MODES = ("models", "kernels", "peers")
 
@@ -69,7 +70,7 @@ def add_audio_flags(parser):
                         help="default: 1 8 16 32 on CUDA, 1 8 on CPU (models); 1 16 on CUDA, 1 on CPU (peers)")
     parser.add_argument("--passes", type=positive_int, help="timed passes over the audio; the median per batch "
                                                             "(default: 3 on CUDA, 1 on CPU)")
-    parser.add_argument("--dtype", choices=list(bench_models.DTYPES), help="default: float16 on CUDA, float32 on CPU")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default: float16 on CUDA, float32 on CPU")
 
 
 def build_parser():

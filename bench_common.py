@@ -24,7 +24,6 @@ from data import DEV_SPEAKERS, data_root, list_utterances
 
 MIB = 2**20
 WINDOW_SECONDS = 30.0  # Whisper's window: transcribe_clips takes clips up to this long
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------- clocks
@@ -168,6 +167,12 @@ def one_line(error):
 
 def number(value, spec):
     return "-" if value is None else format(value, spec)
+
+
+def print_heading(header: str, title: str = ""):
+    """A table's title line (if any), its column header and a rule under it."""
+    print(f"\n{title}\n{header}" if title else f"\n{header}")
+    print("-" * len(header))
 
 
 # ----------------------------------------------------------------------------- the audio every model hears

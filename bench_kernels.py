@@ -21,7 +21,8 @@ import torch
 import triton
 
 from bench_common import (
-    device_name, number, one_line, peak_extra_mib, pick_device, report_header, synchronize, time_calls_ms, write_json,
+    device_name, number, one_line, peak_extra_mib, pick_device, print_heading, report_header, synchronize, time_calls_ms,
+    write_json,
 )
 from kernels.kl_div import kl_div_reference, kl_div_triton
 from kernels.log_mel import HOP_LENGTH, SAMPLE_RATE, log_mel_spectrogram_reference
@@ -198,9 +199,7 @@ def bench_case(case, reference, triton_fn, device, bandwidth, args, l2_flush):
 def print_table(rows):
     header = (f"{'kernel':8s} {'size':18s} {'variant':8s} {'median ms':>10s} {'peak MiB':>9s} {'vs eager':>9s} "
               f"{'floor ms':>9s} {'x floor':>8s} {'1st call s':>10s} {'err vs eager':>12s}")
-    print()
-    print(header)
-    print("-" * len(header))
+    print_heading(header)
     for row in rows:
         start = f"{row['kernel']:8s} {row['size']:18s} {row['variant']:8s}"
         if row["median_ms"] is None:

@@ -33,12 +33,12 @@ from typing import List, Optional
 import torch
 
 from bench_common import (
-    DTYPES, WINDOW_SECONDS, Clip, full_batches, load_clips, median_ms, number, pick_device, plot_runs,
-    report_header, run_summary, time_in_turns, write_json,
+    WINDOW_SECONDS, Clip, full_batches, load_clips, median_ms, number, pick_device, plot_runs,
+    print_heading, report_header, run_summary, time_in_turns, write_json,
 )
 from decoding import NO_FALLBACK, DecodingOptions, initial_tokens
 from evaluate import word_error_rate
-from model import Whisper, load_model
+from model import DTYPES, Whisper, load_model
 from student import make_student
 from tokenizer import get_tokenizer
 from transcribe import clip_mels, transcribe_clips
@@ -288,8 +288,7 @@ def print_tables(models, runs, split):
               f"{m['size_mib']:7.1f}  {length_label(m['forced_length'])}")
     header = (f"{'model':22s} {'set':10s} {'decoder':7s} {'batch':>5s} {'RTF':>7s} {'audio s/s':>9s} "
               f"{'median ms':>10s} {'p90 ms':>9s} {'tokens/s':>8s} {'peak MiB':>8s} {'WER %':>6s} {'x teacher':>9s}")
-    print("\nend to end (RTF = seconds / audio seconds; latency per batch, i.e. per utterance at batch 1)")
-    print(header + "\n" + "-" * len(header))
+    print_heading(header, "end to end (RTF = seconds / audio seconds; latency per batch, i.e. per utterance at batch 1)")
     for r in runs:
         wer = None if r["wer"] is None else 100 * r["wer"]
         print(f"{r['model']:22s} {r['set']:10s} {r['decoder']:7s} {r['batch_size']:5d} {r['rtf']:7.4f} "
@@ -298,8 +297,7 @@ def print_tables(models, runs, split):
               f"{r['speedup_vs_teacher']:8.2f}x")
     header = (f"{'model':22s} {'decoder':7s} {'batch':>5s} {'rows':>4s} {'log-Mel ms':>10s} {'encoder ms':>10s} "
               f"{'1st step ms':>11s} {'ms/token':>8s} {'overhead ms/step':>16s}")
-    print("\nthe split (per batch; 1st step = prompt + cross-attention keys/values; overhead from end to end)")
-    print(header + "\n" + "-" * len(header))
+    print_heading(header, "the split (per batch; 1st step = prompt + cross-attention keys/values; overhead from end to end)")
     for s in split:
         print(f"{s['model']:22s} {s['decoder']:7s} {s['batch_size']:5d} {s['rows']:4d} {s['mel_ms']:10.1f} "
               f"{s['encoder_ms']:10.1f} {s['first_step_ms']:11.1f} {s['per_token_ms']:8.2f} "

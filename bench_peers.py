@@ -35,12 +35,12 @@ import torch
 
 from audio import SAMPLE_RATE
 from bench_common import (
-    DTYPES, full_batches, load_clips, number, one_line, pick_device, plot_runs, report_header, run_summary,
+    full_batches, load_clips, number, one_line, pick_device, plot_runs, print_heading, report_header, run_summary,
     time_in_turns, write_json,
 )
 from decoding import NO_FALLBACK, DecodingOptions, suppressed_tokens
 from evaluate import word_error_rate
-from model import Whisper, default_dtype, load_model
+from model import DTYPES, Whisper, default_dtype, load_model
 from tokenizer import get_tokenizer
 from transcribe import transcribe_clips
 from weights import HF_BLOCK_NAMES, HF_TOP_NAMES, find_model_files
@@ -328,7 +328,7 @@ def compare_with_ours(rows):
 def print_table(rows):
     header = (f"{'engine':26s} {'version':10s} {'batch':>5s} {'RTF':>7s} {'audio s/s':>9s} {'median ms':>10s} "
               f"{'p90 ms':>9s} {'peak MiB':>8s} {'WER %':>6s} {'vs ours %':>9s} {'time/ours':>9s}")
-    print("\n" + header + "\n" + "-" * len(header))
+    print_heading(header)
     for r in rows:
         start = f"{r['model']:26s} {r['version'] or '-':10s} {r['batch_size']:5d}"
         if r["status"] != "ok":

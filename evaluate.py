@@ -23,7 +23,7 @@ from tqdm import tqdm
 from audio import SAMPLE_RATE, N_SAMPLES, AudioError, load_audio
 from data import Utterance, list_utterances
 from decoding import NO_FALLBACK, DecodingOptions, FallbackRules
-from model import Whisper, load_model
+from model import DTYPES, Whisper, load_model
 from normalizer import EnglishTextNormalizer
 from transcribe import transcribe, transcribe_clips
 
@@ -116,6 +116,8 @@ def main(argv=None):
     parser.add_argument("--language", default="en", help="spoken language (default: en; 'auto' to detect)")
     parser.add_argument("--no-fallback", action="store_true", help="temperature 0 only, no fallback")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="weights and activations (default: float16 on CUDA, float32 on CPU; bfloat16 is faster on CPUs with AVX512-BF16)")
     parser.add_argument("--json", default=None, help="write the full report (per-utterance hypotheses) here")
     args = parser.parse_args(argv)
 
@@ -123,7 +125,7 @@ def main(argv=None):
     utterances = [u for source in args.data for u in list_utterances(source, split(args.speakers), split(args.exclude_speakers))]
     utterances = utterances[: args.limit] if args.limit else utterances
     try:
-        model = load_model(args.model, device=args.device).optimize_for_decoding()
+        model = load_model(args.model, device=args.device, dtype=args.dtype and DTYPES[args.dtype]).optimize_for_decoding()
     except (OSError, ValueError) as err:  # unknown name, missing package, broken checkpoint
         sys.exit(f"error: {err}")
     language = None if args.language == "auto" else args.language

@@ -64,26 +64,45 @@ class LayerNorm(nn.LayerNorm):
 
 
 class Linear(nn.Linear):
-    onednn = False  # see Whisper.optimize_for_decoding
+    onednn: Optional["OneDNNWeight"] = None  # set by Whisper.optimize_for_decoding
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return linear(x, self.weight.to(x.dtype), bias, self.onednn)
+        return linear(x, self.weight, bias, self.onednn)
 
 
 def onednn_linear_available() -> bool:
     try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
     except (AttributeError, RuntimeError):  # an operator namespace this build does not have
         return False
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], onednn: bool) -> Tensor:
-    """F.linear, or with `onednn` on CPU, when no gradient is needed, oneDNN's linear (inference only:
-    it has no backward). See Whisper.optimize_for_decoding for why."""
-    if onednn and x.device.type == "cpu" and not torch.is_grad_enabled():
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+class OneDNNWeight:
+    """A weight's copy in oneDNN's blocked layout, for CPU inference (see Whisper.optimize_for_decoding).
+
+    Reordering costs a full pass over the weight, so it is done once and kept. The copy is keyed on the
+    parameter's storage, version counter and the compute dtype: training steps, load_state_dict and .to()
+    all change one of them, so a stale copy is never used; it is rebuilt on the next call."""
+
+    def __init__(self):
+        self._key, self._blocked = None, None
+
+    def blocked(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
+        key = (weight.data_ptr(), weight._version, dtype)
+        if key != self._key:
+            self._blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), 1)
+            self._key = key
+        return self._blocked
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], onednn: Optional[OneDNNWeight]) -> Tensor:
+    """x @ weight.T + bias in x's dtype. With `onednn`, on CPU when no gradient is needed, it multiplies
+    by the blocked copy through oneDNN (inference only: that operator has no backward)."""
+    if onednn is not None and x.device.type == "cpu" and not torch.is_grad_enabled():
+        return torch.ops.mkldnn._linear_pointwise(x, onednn.blocked(weight, x.dtype), bias, "none", [], "")
+    return F.linear(x, weight.to(x.dtype), bias)
 
 
 class Conv1d(nn.Conv1d):
@@ -178,7 +197,7 @@ class MultiHeadAttention(nn.Module):
         `position` (a (1,) tensor) marks a static-shape single-token step: see KVCache.write_at."""
         q = self._heads(self.query(x))  # (B, H, T, hd)
         if self.cross:
-            out = F.scaled_dot_product_attention(q, *self._cross_kv(source, cache, layer))
+            out = self._attend_audio(q, *self._cross_kv(source, cache, layer))
         elif position is not None:
             k, v = cache.write_at(layer, self._heads(self.key(x)), self._heads(self.value(x)), position)
             visible = (torch.arange(k.shape[2], device=x.device) <= position)[None]  # (1, max_length)
@@ -200,6 +219,16 @@ class MultiHeadAttention(nn.Module):
 
     def _heads(self, x: Tensor) -> Tensor:  # (B, T, D) -> (B, H, T, hd)
         return x.view(*x.shape[:2], self.n_head, -1).transpose(1, 2)
+
+    @staticmethod
+    def _attend_audio(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Cross-attention: q (B, H, T, hd) over the audio's k, v (B, H, 1500, hd)."""
+        if q.device.type == "cpu" and q.dtype != torch.float32 and q.shape[2] == 1:
+            # A decoding step in bfloat16/float16 on CPU: PyTorch's CPU flash-attention kernel takes
+            # ~0.8 ms per layer here, two matrix products and a float32 softmax ~0.2 ms.
+            weights = (q @ k.transpose(-1, -2)).float().mul_(q.shape[-1] ** -0.5).softmax(-1)  # (B, H, 1, 1500)
+            return weights.to(v.dtype) @ v
+        return F.scaled_dot_product_attention(q, k, v)
 
     @staticmethod
     def _attend(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
@@ -254,7 +283,7 @@ class AudioEncoder(nn.Module):
 
 
 class TextDecoder(nn.Module):
-    onednn = False  # see Whisper.optimize_for_decoding
+    onednn: Optional[OneDNNWeight] = None  # for the output projection; see Whisper.optimize_for_decoding
 
     def __init__(self, n_vocab: int, n_ctx: int, n_state: int, n_head: int, n_layer: int):
         super().__init__()
@@ -292,7 +321,7 @@ class TextDecoder(nn.Module):
     def _logits(self, x: Tensor) -> Tensor:
         x = self.ln(x)
         # The output projection is tied to the token embedding.
-        return linear(x, self.token_embedding.weight.to(x.dtype), None, self.onednn).float()
+        return linear(x, self.token_embedding.weight, None, self.onednn).float()
 
 
 class Whisper(nn.Module):
@@ -330,7 +359,7 @@ class Whisper(nn.Module):
         use_onednn = self.device.type == "cpu" and onednn_linear_available()
         for module in self.modules():
             if isinstance(module, (Linear, TextDecoder)):
-                module.onednn = use_onednn
+                module.onednn = OneDNNWeight() if use_onednn else None
         return self
 
     def new_cache(self, batch_size: int, max_length: Optional[int] = None) -> KVCache:
@@ -353,6 +382,9 @@ class Whisper(nn.Module):
     @property
     def num_languages(self) -> int:
         return self.dims.n_vocab - 51765 - int(self.is_multilingual)
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # the --dtype choices
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

@@ -22,7 +22,7 @@ from decoding import (
     NO_FALLBACK, TIME_PRECISION, DecodingOptions, DecodingResult, FallbackRules, decode_with_fallback, detect_language,
 )
 from kernels import log_mel_spectrogram
-from model import Whisper, load_model
+from model import DTYPES, Whisper, load_model
 from tokenizer import get_tokenizer
 
 FRAMES_PER_TOKEN = 2  # the encoder's stride: one timestamp step (20 ms) is two Mel frames
@@ -208,6 +208,8 @@ def main(argv=None):
     parser.add_argument("audio", nargs="+", help="audio files (any rate or channel count soundfile reads)")
     parser.add_argument("--model", default="base", help="model name (tiny.en, base, ...) or checkpoint path")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="weights and activations (default: float16 on CUDA, float32 on CPU; bfloat16 is faster on CPUs with AVX512-BF16)")
     parser.add_argument("--beam-size", type=int, default=None, help="beam search width (default: greedy)")
     parser.add_argument("--patience", type=float, default=None, help="beam search patience")
     parser.add_argument("--best-of", type=int, default=5, help="samples per window when falling back to temperature > 0")
@@ -222,7 +224,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     try:
-        model = load_model(args.model, device=args.device).optimize_for_decoding()
+        model = load_model(args.model, device=args.device, dtype=args.dtype and DTYPES[args.dtype]).optimize_for_decoding()
     except (OSError, ValueError) as err:  # unknown name, missing package, broken checkpoint
         sys.exit(f"error: {err}")
     options = DecodingOptions(

@@ -10,7 +10,7 @@ import torch
 import whisper  # test-only reference implementation
 
 from data import list_utterances
-from model import MODEL_DIMS, Whisper, load_model, onednn_linear_available, save_checkpoint
+from model import MODEL_DIMS, MultiHeadAttention, Whisper, load_model, onednn_linear_available, save_checkpoint
 from weights import CheckpointError, find_model_files, read_checkpoint
 
 MODELS = ["tiny.en", "base"]
@@ -81,6 +81,41 @@ def test_optimized_for_decoding_takes_another_path_to_the_same_logits(loaded, da
     steps = [fast.logits(tokens[:, :5], audio, cache)]
     steps += [fast.logits(tokens[:, i : i + 1], audio, cache) for i in range(5, tokens.shape[1])]
     assert relative_error(torch.cat(steps, dim=1), plain_logits) <= 1e-4
+
+
+@torch.no_grad()
+def test_blocked_weights_follow_updates_to_the_weights(data_dir):
+    """optimize_for_decoding keeps a copy of each weight in oneDNN's layout: after an in-place update
+    (an optimizer step), a load_state_dict or a dtype change, inference must use the new weights."""
+    model = load_model("tiny.en", device="cpu", dtype=torch.float32)
+    original = copy.deepcopy(model.state_dict())
+    fast = copy.deepcopy(model).optimize_for_decoding()
+    mel, tokens = _mels(data_dir, n=1), _prompt(model, 5)[:1]
+
+    def relative_error(a, b):  # b's logits against a's
+        expected = a.logits(tokens, a.embed_audio(mel.to(a.dtype)))
+        got = b.logits(tokens, b.embed_audio(mel.to(b.dtype)))
+        return ((got - expected).abs().max() / expected.abs().max()).item()
+
+    assert relative_error(model, fast) <= 1e-4  # the blocked copies are made here
+    for p, q in zip(model.parameters(), fast.parameters()):  # in place, as an optimizer step
+        p.mul_(0.9)
+        q.mul_(0.9)
+    assert relative_error(model, fast) <= 1e-4
+    model.load_state_dict(original)
+    fast.load_state_dict(original)
+    assert relative_error(model, fast) <= 1e-4
+    assert relative_error(model.to(torch.bfloat16), fast.to(torch.bfloat16)) <= 3e-2  # bfloat16 rounding
+
+
+def test_single_query_cross_attention_in_half_precision_on_cpu():
+    """Decoding steps in bfloat16 on CPU attend to the audio by two matmuls, not PyTorch's flash kernel."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 8, 1, 64), torch.randn(2, 8, 1500, 64), torch.randn(2, 8, 1500, 64)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    got = MultiHeadAttention._attend_audio(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+    assert (got.float() - expected).abs().max() <= 2e-2 * expected.abs().max()
 
 
 def test_optimized_model_still_trains():
