@@ -288,7 +288,9 @@ class TextDecoder(nn.Module):
     def __init__(self, n_vocab: int, n_ctx: int, n_state: int, n_head: int, n_layer: int):
         super().__init__()
         self.token_embedding = nn.Embedding(n_vocab, n_state)
-        self.positional_embedding = nn.Parameter(torch.empty(n_ctx, n_state))
+        # Learned, and overwritten when weights load; drawn small (as GPT-2) so that a model built from
+        # dimensions alone computes finite values rather than whatever torch.empty's memory held.
+        self.positional_embedding = nn.Parameter(0.01 * torch.randn(n_ctx, n_state))
         self.blocks = nn.ModuleList(
             [ResidualAttentionBlock(n_state, n_head, cross_attention=True) for _ in range(n_layer)]
         )
