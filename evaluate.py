@@ -23,9 +23,9 @@ from tqdm import tqdm
 from audio import SAMPLE_RATE, N_SAMPLES, AudioError, load_audio
 from data import Utterance, list_utterances
 from decoding import NO_FALLBACK, DecodingOptions, FallbackRules
-from model import DTYPES, Whisper, load_model
+from model import Whisper
 from normalizer import EnglishTextNormalizer
-from transcribe import transcribe, transcribe_clips
+from transcribe import add_model_arguments, load_model_for_decoding, transcribe, transcribe_clips
 
 normalize = EnglishTextNormalizer()
 
@@ -106,7 +106,7 @@ def _utterance_report(utt: Utterance, hypothesis: str) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Word error rate of a Whisper model on a speech set.")
-    parser.add_argument("--model", default="base", help="model name (tiny.en, base, ...) or checkpoint path")
+    add_model_arguments(parser)
     parser.add_argument("--data", required=True, nargs="+", help="LibriSpeech-layout folder(s), JSONL manifest(s), or folder(s) with .txt sidecars")
     parser.add_argument("--speakers", default=None, help="comma-separated speaker ids to keep (LibriSpeech)")
     parser.add_argument("--exclude-speakers", default=None, help="comma-separated speaker ids to leave out")
@@ -115,19 +115,13 @@ def main(argv=None):
     parser.add_argument("--beam-size", type=int, default=None, help="beam search width (default: greedy)")
     parser.add_argument("--language", default="en", help="spoken language (default: en; 'auto' to detect)")
     parser.add_argument("--no-fallback", action="store_true", help="temperature 0 only, no fallback")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
-                        help="weights and activations (default: float16 on CUDA, float32 on CPU; bfloat16 is faster on CPUs with AVX512-BF16)")
     parser.add_argument("--json", default=None, help="write the full report (per-utterance hypotheses) here")
     args = parser.parse_args(argv)
 
     split = lambda s: s.split(",") if s else None  # noqa: E731
     utterances = [u for source in args.data for u in list_utterances(source, split(args.speakers), split(args.exclude_speakers))]
     utterances = utterances[: args.limit] if args.limit else utterances
-    try:
-        model = load_model(args.model, device=args.device, dtype=args.dtype and DTYPES[args.dtype]).optimize_for_decoding()
-    except (OSError, ValueError) as err:  # unknown name, missing package, broken checkpoint
-        sys.exit(f"error: {err}")
+    model = load_model_for_decoding(args)
     language = None if args.language == "auto" else args.language
     options = DecodingOptions(language=language, beam_size=args.beam_size, without_timestamps=True)
     report = evaluate(model, utterances, options, NO_FALLBACK if args.no_fallback else FallbackRules(), args.batch_size)

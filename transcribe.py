@@ -203,13 +203,26 @@ def to_json(path: str, result: dict) -> dict:
     }
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Transcribe audio files with Whisper.")
-    parser.add_argument("audio", nargs="+", help="audio files (any rate or channel count soundfile reads)")
+def add_model_arguments(parser: argparse.ArgumentParser):
+    """--model, --device and --dtype: the flags of every CLI that decodes (this one and evaluate.py)."""
     parser.add_argument("--model", default="base", help="model name (tiny.en, base, ...) or checkpoint path")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="weights and activations (default: float16 on CUDA, float32 on CPU; bfloat16 is faster on CPUs with AVX512-BF16)")
+
+
+def load_model_for_decoding(args: argparse.Namespace) -> Whisper:
+    """The model those flags name, set up for inference; a bad name or checkpoint exits with its error."""
+    try:
+        return load_model(args.model, device=args.device, dtype=args.dtype and DTYPES[args.dtype]).optimize_for_decoding()
+    except (OSError, ValueError) as err:  # unknown name, missing package, broken checkpoint
+        sys.exit(f"error: {err}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Transcribe audio files with Whisper.")
+    parser.add_argument("audio", nargs="+", help="audio files (any rate or channel count soundfile reads)")
+    add_model_arguments(parser)
     parser.add_argument("--beam-size", type=int, default=None, help="beam search width (default: greedy)")
     parser.add_argument("--patience", type=float, default=None, help="beam search patience")
     parser.add_argument("--best-of", type=int, default=5, help="samples per window when falling back to temperature > 0")
@@ -223,10 +236,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling used by temperature fallback")
     args = parser.parse_args(argv)
 
-    try:
-        model = load_model(args.model, device=args.device, dtype=args.dtype and DTYPES[args.dtype]).optimize_for_decoding()
-    except (OSError, ValueError) as err:  # unknown name, missing package, broken checkpoint
-        sys.exit(f"error: {err}")
+    model = load_model_for_decoding(args)
     options = DecodingOptions(
         task=args.task, language=args.language, beam_size=args.beam_size, patience=args.patience,
         best_of=args.best_of, static_step=args.static_step, seed=args.seed,
