@@ -18,7 +18,7 @@ import torch
 import bench_kernels
 import bench_models
 import bench_peers
-from model import DTYPES
+from load import DTYPES
 
 MODES = ("models", "kernels", "peers")
 

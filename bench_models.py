@@ -38,9 +38,10 @@ from bench_common import (
 )
 from decoding import NO_FALLBACK, DecodingOptions, initial_tokens
 from evaluate import word_error_rate
-from model import DTYPES, Whisper, load_model
+from load import DTYPES, load_model
+from model import Whisper
 from student import make_student
-from tokenizer import get_tokenizer
+from tokenizer import tokenizer_for
 from transcribe import clip_mels, transcribe_clips
 
 DECODERS = {"greedy": {}, "beam5": {"beam_size": 5}}  # extra DecodingOptions of each
@@ -118,7 +119,7 @@ def decoding_options(decoder: str) -> DecodingOptions:
 def forced_options(options: DecodingOptions, model: Whisper, steps: int) -> DecodingOptions:
     """Exactly `steps` decoder passes: decode() makes one per sampled token up to sample_len, and stops early
     only on <|endoftext|>, which is added to the suppressed tokens."""
-    eot = get_tokenizer(model.is_multilingual, num_languages=model.num_languages, language="en").eot
+    eot = tokenizer_for(model, language="en").eot
     return replace(options, sample_len=steps, suppress_tokens=f"-1,{eot}")
 
 
@@ -209,7 +210,7 @@ def find(rows, model, decoder, batch_size, set_name=None):
 @torch.no_grad()
 def measure_split(model: Whisper, mel: torch.Tensor, beams: int, args, device) -> dict:
     """Encoder, first step and per-token cost of the model on a fixed batch: mel (B, n_mels, 3000), B x beams rows."""
-    tokenizer = get_tokenizer(model.is_multilingual, num_languages=model.num_languages, language="en")
+    tokenizer = tokenizer_for(model, language="en")
     # <|startoftranscript|> [<|en|> <|transcribe|>] <|notimestamps|>, as decode() starts
     prompt = initial_tokens(tokenizer, decoding_options("greedy"), model.dims.n_text_ctx)
     features = model.embed_audio(mel).repeat_interleave(beams, dim=0)  # beams share their utterance's audio

@@ -40,8 +40,9 @@ from bench_common import (
 )
 from decoding import NO_FALLBACK, DecodingOptions, suppressed_tokens
 from evaluate import word_error_rate
-from model import DTYPES, Whisper, default_dtype, load_model
-from tokenizer import get_tokenizer
+from load import DTYPES, default_dtype, load_model
+from model import Whisper
+from tokenizer import tokenizer_for
 from transcribe import transcribe_clips
 from weights import HF_BLOCK_NAMES, HF_TOP_NAMES, find_model_files
 
@@ -140,7 +141,7 @@ def build_transformers(model: Whisper, source, device):
 
     transformers.logging.set_verbosity_error()  # its per-call advice about attention masks is not ours to fix
     dims = model.dims
-    tokenizer = get_tokenizer(model.is_multilingual, num_languages=model.num_languages, language="en")
+    tokenizer = tokenizer_for(model, language="en")
     config = WhisperConfig(
         vocab_size=dims.n_vocab, num_mel_bins=dims.n_mels, d_model=dims.n_audio_state,
         encoder_layers=dims.n_audio_layer, encoder_attention_heads=dims.n_audio_head,

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from graphs import static_step
 from model import Whisper
-from tokenizer import Tokenizer, get_tokenizer
+from tokenizer import Tokenizer, tokenizer_for
 
 TIME_PRECISION = 0.02  # seconds per timestamp token: 1500 encoder positions span 30 s
 
@@ -276,11 +276,11 @@ def decode(model: Whisper, mel: Tensor, options: DecodingOptions = DecodingOptio
     n_audio = audio_features.shape[0]
 
     language = options.language or ("en" if not model.is_multilingual else None)
-    base_tokenizer = get_tokenizer(model.is_multilingual, num_languages=model.num_languages, language=language, task=options.task)
+    base_tokenizer = tokenizer_for(model, language=language, task=options.task)
     languages, language_probs = [language] * n_audio, [None] * n_audio
     if language is None:
         languages, language_probs = detect_language(model, audio_features, base_tokenizer)
-    tokenizers = [get_tokenizer(model.is_multilingual, num_languages=model.num_languages, language=lang, task=options.task) for lang in languages]
+    tokenizers = [tokenizer_for(model, language=lang, task=options.task) for lang in languages]
     tokenizer = tokenizers[0]  # every row's prompt has the same length and layout; only the language id differs
 
     n_ctx = model.dims.n_text_ctx

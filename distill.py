@@ -38,9 +38,10 @@ from decoding import NO_FALLBACK, DecodingOptions, FallbackRules
 from evaluate import evaluate, word_error_rate
 from kernels import log_mel_spectrogram
 from audio import AudioError, HOP_LENGTH, N_SAMPLES, load_audio
-from model import Whisper, load_model
+from load import load_model
+from model import Whisper
 from student import frozen_copy, make_student, shares_teacher_encoder
-from tokenizer import get_tokenizer
+from tokenizer import tokenizer_for
 from transcribe import transcribe_clips
 
 GREEDY = DecodingOptions(language="en", without_timestamps=True)
@@ -218,11 +219,7 @@ class Trainer:
         self.teacher = load_model(args.teacher, device=device, dtype=torch.float32).requires_grad_(False)
         self.student = make_student(self.teacher, args.decoder_layers, args.encoder_layers)
         self.share_encoder = shares_teacher_encoder(self.student, self.teacher)
-        self.tokenizer = get_tokenizer(
-            self.teacher.is_multilingual, num_languages=self.teacher.num_languages,
-            language="en" if self.teacher.is_multilingual else None,
-            task="transcribe" if self.teacher.is_multilingual else None,
-        )
+        self.tokenizer = tokenizer_for(self.teacher, language="en", task="transcribe")
         self.config = ASKDConfig(
             method=args.method, temperature=args.temperature, lambda_start=args.lambda_start,
             lambda_min=args.lambda_min, schedule=args.schedule, phase_a_end=args.phase_a_end,

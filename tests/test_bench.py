@@ -193,7 +193,7 @@ def test_windows_join_whole_utterances_of_one_chapter_up_to_30_s():
 
 def test_forced_length_decodes_exactly_the_given_steps(one_thread):
     from decoding import NO_FALLBACK
-    from model import load_model
+    from load import load_model
     from student import make_student
     from transcribe import transcribe_clips
 
@@ -231,7 +231,7 @@ def test_huggingface_names_load_strictly_into_transformers(name):
 def test_transformers_engine_transcribes_like_ours(data_dir, one_thread):
     from audio import load_audio
     from data import list_utterances
-    from model import load_model
+    from load import load_model
 
     clips = [load_audio(u.audio) for u in list_utterances(data_dir / "test-clean")[1:3]]  # 2 short ones
     model = load_model("tiny.en", "cpu")

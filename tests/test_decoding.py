@@ -14,7 +14,7 @@ from audio import SAMPLE_RATE, load_audio, resample
 from data import DEV_SPEAKERS, list_utterances
 from decoding import NO_FALLBACK, DecodingOptions, decode
 from evaluate import word_error_rate
-from model import load_model
+from load import load_model
 from transcribe import clip_mels, transcribe, transcribe_clips
 
 GREEDY = DecodingOptions(language="en", without_timestamps=True)

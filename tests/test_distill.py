@@ -14,7 +14,7 @@ import torch
 from askd import ASKDConfig, ASKDSchedule, distillation_loss
 from data import SpeechDataset, collate, length_bucketed_batches, list_utterances, training_tokens
 from kernels import log_mel_spectrogram
-from model import load_model
+from load import load_model
 from student import make_student, shares_teacher_encoder, spaced_layers
 from tokenizer import get_tokenizer
 
@@ -55,7 +55,7 @@ def test_student_copies_teacher_layers_and_round_trips(teacher, tmp_path):
     assert thin.dims.n_audio_layer == 2 and all(p.requires_grad for p in thin.encoder.parameters())
     assert not shares_teacher_encoder(thin, teacher)
 
-    from model import save_checkpoint
+    from load import save_checkpoint
 
     save_checkpoint(thin, tmp_path / "student.pt")
     again = load_model(tmp_path / "student.pt", device="cpu")

@@ -10,7 +10,8 @@ import torch
 import whisper  # test-only reference implementation
 
 from data import list_utterances
-from model import MODEL_DIMS, MultiHeadAttention, Whisper, load_model, onednn_linear_available, save_checkpoint
+from load import load_model, save_checkpoint
+from model import MODEL_DIMS, MultiHeadAttention, Whisper, onednn_linear_available
 from weights import CheckpointError, find_model_files, read_checkpoint
 
 MODELS = ["tiny.en", "base"]
