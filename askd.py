@@ -19,7 +19,7 @@ Baselines under the same budget: "ce" (labels only) and "kd" (static: 0.8 * CE +
 The KL goes through kernels.kl_div: the fused Triton kernel on GPU, the reference on CPU.
 """
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 import torch
@@ -33,18 +33,25 @@ METHODS = ("askd", "kd", "ce")
 SCHEDULES = ("linear", "cosine", "exponential", "adaptive")
 
 
+def _knob(default, help: str, choices=None):
+    """A config field with the help text and choices its command-line flag shows (distill.py builds one
+    flag per field, so each default is written here only)."""
+    return field(default=default, metadata=dict(help=help, choices=choices))
+
+
 @dataclass
 class ASKDConfig:
-    method: str = "askd"
-    temperature: float = 2.0
-    lambda_start: float = 1.0  # lambda_0: teacher weight at the start of phase A
-    lambda_min: float = 0.1  # teacher weight at the end of phase A
-    schedule: str = "linear"  # how lambda decays in phase A
-    phase_a_end: float = 0.7  # p_A: fraction of training with the teacher
-    mu_max: float = 0.5  # self-distillation weight at the end of training
-    self_refresh: int = 100  # steps between refreshes of the self-teacher snapshot
-    kd_ce_weight: float = 0.8  # static KD baseline: weight of CE (KL weight 1), as distil-whisper
-    adaptive_momentum: float = 0.9  # EMA of the label losses that drive the adaptive schedule
+    method: str = _knob("askd", "askd: teacher weight decays, then self-distillation; kd: 0.8 CE + T^2 KL "
+                                "(distil-whisper); ce: labels only", METHODS)
+    temperature: float = _knob(2.0, "softmax temperature T of the KL terms")
+    lambda_start: float = _knob(1.0, "askd: teacher weight lambda_0 at the start of phase A")
+    lambda_min: float = _knob(0.1, "askd: teacher weight at the end of phase A")
+    schedule: str = _knob("linear", "askd: how lambda decays in phase A", SCHEDULES)
+    phase_a_end: float = _knob(0.7, "askd: fraction of training with the teacher (phase A)")
+    mu_max: float = _knob(0.5, "askd: self-distillation weight at the end of training")
+    self_refresh: int = _knob(100, "askd: steps between refreshes of the self-teacher snapshot")
+    kd_ce_weight: float = _knob(0.8, "kd: weight of the label CE (the KL's weight is 1), as distil-whisper")
+    adaptive_momentum: float = _knob(0.9, "askd, adaptive schedule: EMA of the label losses that drive it")
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -157,6 +164,3 @@ def distillation_loss(
         total = total + soft_weight * kl
     return dict(loss=total, ce=ce, kl=kl)
 
-
-def config_dict(config: ASKDConfig) -> Dict:
-    return asdict(config)

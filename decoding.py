@@ -225,10 +225,11 @@ def rank(sequences: List[List[int]], sum_logprobs: List[float], length_penalty: 
 
 
 @torch.no_grad()
-def detect_language(model: Whisper, audio_features: Tensor, tokenizer: Tokenizer) -> Tuple[List[str], List[dict]]:
+def detect_language(model: Whisper, audio_features: Tensor, tokenizer: Tokenizer,
+                    audio_lengths: Optional[Tensor] = None) -> Tuple[List[str], List[dict]]:
     """Most likely language per utterance, from the logits after <|startoftranscript|> alone."""
     sot = torch.full((audio_features.shape[0], 1), tokenizer.sot, device=audio_features.device)
-    logits = model.logits(sot, audio_features)[:, 0]  # (B, V)
+    logits = model.logits(sot, audio_features, audio_lengths=audio_lengths)[:, 0]  # (B, V)
     language_tokens = torch.tensor(tokenizer.all_language_tokens, device=logits.device)
     probs = logits[:, language_tokens].softmax(dim=-1).cpu()  # (B, n_languages)
     codes = tokenizer.all_language_codes
@@ -267,19 +268,24 @@ def initial_tokens(tokenizer: Tokenizer, options: DecodingOptions, n_ctx: int) -
 
 
 @torch.no_grad()
-def decode(model: Whisper, mel: Tensor, options: DecodingOptions = DecodingOptions()) -> List[DecodingResult]:
-    """Decode one 30 s window per utterance. mel (B, n_mels, 3000) or (n_mels, 3000)."""
+def decode(model: Whisper, mel: Tensor, options: DecodingOptions = DecodingOptions(),
+           audio_lengths: Optional[Tensor] = None) -> List[DecodingResult]:
+    """Decode one window per utterance. mel (B, n_mels, 2 S) or (n_mels, 2 S): 3000 frames (30 s) for a
+    model made for fixed windows, fewer for one made for the real length; audio_lengths (B,): each row's
+    encoder positions holding its audio, when rows of different lengths share the batch."""
     if mel.ndim == 2:
         mel = mel[None]
     _check_options(model, options)
-    audio_features = model.embed_audio(mel.to(model.device, model.dtype))  # (B, 1500, D)
+    if audio_lengths is not None:
+        audio_lengths = torch.as_tensor(audio_lengths, device=model.device)
+    audio_features = model.embed_audio(mel.to(model.device, model.dtype), audio_lengths)  # (B, S, D)
     n_audio = audio_features.shape[0]
 
     language = options.language or ("en" if not model.is_multilingual else None)
     base_tokenizer = tokenizer_for(model, language=language, task=options.task)
     languages, language_probs = [language] * n_audio, [None] * n_audio
     if language is None:
-        languages, language_probs = detect_language(model, audio_features, base_tokenizer)
+        languages, language_probs = detect_language(model, audio_features, base_tokenizer, audio_lengths)
     tokenizers = [tokenizer_for(model, language=lang, task=options.task) for lang in languages]
     tokenizer = tokenizers[0]  # every row's prompt has the same length and layout; only the language id differs
 
@@ -301,8 +307,11 @@ def decode(model: Whisper, mel: Tensor, options: DecodingOptions = DecodingOptio
 
     tokens = torch.tensor(prompts, device=model.device).repeat_interleave(n_group, dim=0)  # (B*G, L)
     audio_features = audio_features.repeat_interleave(n_group, dim=0)
+    if audio_lengths is not None:
+        audio_lengths = audio_lengths.repeat_interleave(n_group, dim=0)
     tokens, sum_logprobs, no_speech_probs = _sample(
-        model, audio_features, tokens, decoder, filters, sample_len, sot_index, tokenizer.no_speech, options.static_step
+        model, audio_features, audio_lengths, tokens, decoder, filters, sample_len, sot_index, tokenizer.no_speech,
+        options.static_step,
     )
     no_speech_probs = no_speech_probs[::n_group]  # rows of one utterance share the audio
     tokens = tokens.view(n_audio, n_group, -1)
@@ -325,7 +334,8 @@ def decode(model: Whisper, mel: Tensor, options: DecodingOptions = DecodingOptio
     return results
 
 
-def _sample(model, audio_features, tokens, decoder, filters, sample_len, sot_index, no_speech, use_static_step=False):
+def _sample(model, audio_features, audio_lengths, tokens, decoder, filters, sample_len, sot_index, no_speech,
+            use_static_step=False):
     """The loop: one decoder step per token for the whole batch, on the KV cache."""
     n_ctx = model.dims.n_text_ctx
     if use_static_step:
@@ -333,12 +343,13 @@ def _sample(model, audio_features, tokens, decoder, filters, sample_len, sot_ind
         cache, run_prompt, run_token = step.cache, step.start, step
     else:
         cache = model.new_cache(tokens.shape[0], max_length=tokens.shape[1] + sample_len)
-        run_prompt = run_token = lambda new, features=None: model.logits(new, audio_features, cache)  # noqa: E731
+        run_prompt = run_token = lambda new, features=None, lengths=None: model.logits(  # noqa: E731
+            new, audio_features, cache, lengths)
     sum_logprobs = torch.zeros(tokens.shape[0], device=tokens.device)
     no_speech_probs = [float("nan")] * tokens.shape[0]
     for i in range(sample_len):
         if i == 0:
-            logits = run_prompt(tokens, audio_features)  # (N, T, V); fills the cache
+            logits = run_prompt(tokens, audio_features, audio_lengths)  # (N, T, V); fills the cache
             no_speech_probs = logits[:, sot_index].softmax(dim=-1)[:, no_speech].tolist()
         else:
             logits = run_token(tokens[:, -1:])  # (N, 1, V): the cache holds the rest
@@ -396,17 +407,23 @@ class FallbackRules:
     logprob_threshold: Optional[float] = -1.0  # below: the model is unsure
     no_speech_threshold: Optional[float] = 0.6  # above (and unsure): silence, not a failure
 
+    def is_silence(self, result: DecodingResult) -> bool:
+        """Likely no speech, and the text not confident enough to overrule that: nothing to transcribe."""
+        if self.no_speech_threshold is None or result.no_speech_prob <= self.no_speech_threshold:
+            return False
+        return self.logprob_threshold is None or result.avg_logprob <= self.logprob_threshold
+
     def needs_fallback(self, result: DecodingResult) -> bool:
         too_repetitive = self.compression_ratio_threshold is not None and result.compression_ratio > self.compression_ratio_threshold
         unsure = self.logprob_threshold is not None and result.avg_logprob < self.logprob_threshold
-        silent = self.no_speech_threshold is not None and result.no_speech_prob > self.no_speech_threshold
-        return too_repetitive or (unsure and not silent)
+        return too_repetitive or (unsure and not self.is_silence(result))
 
 
 NO_FALLBACK = FallbackRules(temperatures=(0.0,))
 
 
-def decode_with_fallback(model: Whisper, mel: Tensor, options: DecodingOptions, rules: FallbackRules = FallbackRules()) -> List[DecodingResult]:
+def decode_with_fallback(model: Whisper, mel: Tensor, options: DecodingOptions, rules: FallbackRules = FallbackRules(),
+                         audio_lengths: Optional[Tensor] = None) -> List[DecodingResult]:
     """decode() at the first temperature; rows that need it are decoded again at the next one, and so on."""
     if mel.ndim == 2:
         mel = mel[None]
@@ -414,7 +431,8 @@ def decode_with_fallback(model: Whisper, mel: Tensor, options: DecodingOptions, 
     pending = list(range(mel.shape[0]))
     for n, temperature in enumerate(rules.temperatures):
         last = n == len(rules.temperatures) - 1
-        outputs = decode(model, mel[pending], with_temperature(options, temperature))
+        lengths = None if audio_lengths is None else torch.as_tensor(audio_lengths)[pending]
+        outputs = decode(model, mel[pending], with_temperature(options, temperature), lengths)
         retry = []
         for row, result in zip(pending, outputs):
             results[row] = result

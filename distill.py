@@ -1,6 +1,7 @@
 """Distil a Whisper teacher into a faster student with ASKD (see askd.py for the method).
 
-    python distill.py                                   # base -> 2-layer-decoder student on train-clean-5
+    python distill.py                                   # tiny.en -> 2-layer-decoder student, <= 20 min of training on CPU
+    python distill.py --teacher base --max-minutes 0    # base teacher, the whole --epochs budget (hours on CPU)
     python distill.py --teacher tiny.en --data DIR --method kd --max-steps 500 --out runs/kd
     torchrun --nproc_per_node 4 distill.py ...          # data-parallel (NCCL on GPU, gloo on CPU)
     python distill.py --out runs/x --resume             # continue exactly where runs/x stopped
@@ -20,7 +21,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -37,20 +38,21 @@ from data import (
 from decoding import NO_FALLBACK, DecodingOptions, FallbackRules
 from evaluate import evaluate, word_error_rate
 from kernels import log_mel_spectrogram
-from audio import AudioError, HOP_LENGTH, N_SAMPLES, load_audio
-from load import load_model
+from audio import SAMPLE_RATE, AudioError, HOP_LENGTH, N_SAMPLES, load_audio
+from load import atomic_save, default_device, load_model, save_checkpoint
 from model import Whisper
 from student import frozen_copy, make_student, shares_teacher_encoder
 from tokenizer import tokenizer_for
-from transcribe import transcribe_clips
+from transcribe import transcribe, transcribe_clips
 
 GREEDY = DecodingOptions(language="en", without_timestamps=True)
+SHOWCASE_AUDIO = "longform/jfk.flac"  # under the data folder: transcribed by teacher and student at the end
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     default_data = data_root() / "train-clean-5"
     p = argparse.ArgumentParser(description="ASKD distillation of Whisper.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--teacher", default="base", help="teacher model name or checkpoint path")
+    p.add_argument("--teacher", default="tiny.en", help="teacher model name or checkpoint path")
     p.add_argument("--data", nargs="+", default=[str(default_data)], help="training folder(s) or JSONL manifest(s)")
     p.add_argument("--exclude-speakers", default=",".join(DEV_SPEAKERS), help="speakers kept out of training (the dev set)")
     p.add_argument("--eval-data", nargs="*", default=None, help="dev folder(s)/manifest(s); default: the excluded speakers of --data")
@@ -60,15 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # student
     p.add_argument("--decoder-layers", type=int, default=2)
     p.add_argument("--encoder-layers", type=int, default=None, help="default: all of the teacher's (frozen)")
-    # method (askd.py)
-    p.add_argument("--method", default="askd", choices=["askd", "kd", "ce"])
-    p.add_argument("--temperature", type=float, default=2.0)
-    p.add_argument("--schedule", default="linear", choices=["linear", "cosine", "exponential", "adaptive"])
-    p.add_argument("--lambda-start", type=float, default=1.0)
-    p.add_argument("--lambda-min", type=float, default=0.1)
-    p.add_argument("--phase-a-end", type=float, default=0.7, help="fraction of training with the teacher")
-    p.add_argument("--mu-max", type=float, default=0.5, help="self-distillation weight at the end")
-    p.add_argument("--self-refresh", type=int, default=100, help="steps between self-teacher snapshots")
+    add_config_arguments(p.add_argument_group("method (askd.py)"), ASKDConfig)
     # labels
     p.add_argument("--labels", default="pseudo", choices=["pseudo", "transcript"], help="train on teacher transcripts or the references")
     p.add_argument("--wer-filter", type=float, default=0.2, help="drop pseudo-labels whose WER vs the reference is above this")
@@ -82,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--spec-augment", action="store_true", help="mask random Mel bands and time spans")
     p.add_argument("--max-steps", type=int, default=None, help="optimiser steps (default: from --epochs)")
     p.add_argument("--epochs", type=float, default=10)
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this long")
+    p.add_argument("--max-minutes", type=float, default=20, help="stop (and save) after this many minutes of training; 0: no limit")
     # bookkeeping
     p.add_argument("--eval-every", type=int, default=200, help="steps between dev evaluations (0: only at the end)")
     p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
@@ -93,6 +87,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def add_config_arguments(group, config_class) -> None:
+    """One flag per field of a config dataclass (--phase-a-end for phase_a_end), with the field's default,
+    type, help and choices: the dataclass is the only place they are written."""
+    for f in fields(config_class):
+        group.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                           help=f.metadata.get("help"), choices=f.metadata.get("choices"))
+
+
+def config_from_arguments(args: argparse.Namespace, config_class):
+    return config_class(**{f.name: getattr(args, f.name) for f in fields(config_class)})
+
+
 # ---------------------------------------------------------------------------------------------
 # Processes, randomness, checkpoints
 
@@ -101,7 +107,7 @@ def setup_distributed(device_arg):
     """(rank, world size, device). Under torchrun, one process per GPU (or CPU process with gloo)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
-    use_cuda = (device_arg or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    use_cuda = torch.device(device_arg or default_device()).type == "cuda"
     if world > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     if use_cuda:
@@ -124,13 +130,6 @@ def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_save(obj, path: Path):
-    """Write to a temporary file, then rename: an interrupted save never leaves a broken checkpoint."""
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,11 +219,7 @@ class Trainer:
         self.student = make_student(self.teacher, args.decoder_layers, args.encoder_layers)
         self.share_encoder = shares_teacher_encoder(self.student, self.teacher)
         self.tokenizer = tokenizer_for(self.teacher, language="en", task="transcribe")
-        self.config = ASKDConfig(
-            method=args.method, temperature=args.temperature, lambda_start=args.lambda_start,
-            lambda_min=args.lambda_min, schedule=args.schedule, phase_a_end=args.phase_a_end,
-            mu_max=args.mu_max, self_refresh=args.self_refresh,
-        )
+        self.config = config_from_arguments(args, ASKDConfig)
         self.schedule = ASKDSchedule(self.config)
         self.self_teacher = None
         self.self_teacher_step = None
@@ -267,7 +262,7 @@ class Trainer:
 
     def checkpoint(self) -> dict:
         return dict(
-            dims=asdict(self.student.dims), model_state_dict=self.student.state_dict(),  # load_model reads these
+            dims=asdict(self.student.dims), model_state_dict=self.student.state_dict(),  # as save_checkpoint: load_model reads it
             optimizer=self.optimizer.state_dict(), step=self.step, epoch=self.epoch,
             batch_in_epoch=self.batch_in_epoch, total_steps=self.total_steps, schedule=self.schedule.state_dict(),
             self_teacher=None if self.self_teacher is None else self.self_teacher.state_dict(),
@@ -349,7 +344,7 @@ class Trainer:
         teacher_ce = label_loss(soft, labels).item() if phase == "teacher" else None
         return dict(
             loss=losses["loss"].item(), ce=losses["ce"].item(), kl=losses["kl"].item(),
-            teacher_ce=teacher_ce, tokens=int((labels != -100).sum()), audio_s=float(batch["lengths"].sum()) / 16000,
+            teacher_ce=teacher_ce, tokens=int((labels != -100).sum()), audio_s=float(batch["lengths"].sum()) / SAMPLE_RATE,
         )
 
     def update_self_teacher(self, progress: float):
@@ -403,7 +398,7 @@ class Trainer:
             self.record(step=self.step, dev_wer=wer)
             if improved:
                 self.best_wer = wer
-                atomic_save(dict(dims=asdict(self.student.dims), model_state_dict=self.student.state_dict()), self.out / "student.pt")
+                save_checkpoint(self.student, self.out / "student.pt")
         if self.world > 1:
             dist.barrier()
 
@@ -466,13 +461,27 @@ class Trainer:
         self.save()
         self.evaluate_and_keep_best()
         if self.rank == 0 and not self.dev:  # no dev set: the final student is the one we keep
-            atomic_save(dict(dims=asdict(self.student.dims), model_state_dict=self.student.state_dict()), self.out / "student.pt")
+            save_checkpoint(self.student, self.out / "student.pt")
         seconds = time.time() - start
         self.log(f"done: {self.step - started_at_step} steps in {seconds:.0f} s; student at {self.out / 'student.pt'}"
                  + (f"; dev WER teacher {100 * self.teacher_wer:.2f}%, student {100 * self.best_wer:.2f}%" if self.dev else ""))
         self.record(done=True, step=self.step, teacher_dev_wer=self.teacher_wer, student_dev_wer=self.best_wer,
                     skipped=self.skipped, seconds=seconds)
+        if self.rank == 0:
+            self.show_transcripts(SHOWCASE_AUDIO)
         return True
+
+    @torch.no_grad()
+    def show_transcripts(self, relative_path: str):
+        """The teacher's and the kept student's transcript of one familiar recording, side by side."""
+        path = data_root() / relative_path
+        if not path.exists():
+            return
+        audio = load_audio(path)
+        student = load_model(self.out / "student.pt", device=self.device, dtype=torch.float32)
+        for name, model in (("teacher", self.teacher), ("student", student)):
+            text = transcribe(model, audio, GREEDY, NO_FALLBACK)["text"].strip()
+            self.log(f"{name} on {relative_path}: {text}")
 
 
 def main(argv=None):

@@ -11,7 +11,7 @@ On CPU the same fixed-shape step runs eagerly (no graph): that is how the tests 
 same logits and transcripts as the ordinary step.
 """
 import weakref
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -28,15 +28,23 @@ class StaticDecoderStep:
         self.tokens = torch.zeros((batch_size, 1), dtype=torch.long, device=model.device)
         self.position = torch.zeros(1, dtype=torch.long, device=model.device)
         self.graph = None
+        self.graph_key = None  # the buffers the captured graph reads (see _buffers_key)
         self.logits = None
 
-    def start(self, prompt: Tensor, audio_features: Tensor) -> Tensor:
+    def start(self, prompt: Tensor, audio_features: Tensor, audio_lengths: Optional[Tensor] = None) -> Tensor:
         """Run the prompt (B, T) the ordinary way, filling the cache: returns its logits (B, T, V)."""
         self.cache.reset()
-        logits = self.model.logits(prompt, audio_features, self.cache)
-        if self.model.device.type == "cuda" and self.graph is None:
-            self._capture()
+        logits = self.model.logits(prompt, audio_features, self.cache, audio_lengths)
+        if self.model.device.type == "cuda" and self.graph_key != self._buffers_key():
+            self._capture()  # new audio buffers (another audio length, or a mask where there was none)
         return logits
+
+    def _buffers_key(self):
+        """What a captured graph depends on beyond its own buffers: the cache's cross-attention buffers
+        and audio mask, which are reallocated when the audio length changes."""
+        mask = self.cache.audio_mask
+        return (self.cache.cross_keys.data_ptr(), self.cache.cross_values.data_ptr(), tuple(self.cache.cross_keys.shape),
+                None if mask is None else (mask.data_ptr(), tuple(mask.shape)))
 
     def __call__(self, tokens: Tensor) -> Tensor:
         """The next token of every row (B, 1) -> logits (B, 1, V)."""
@@ -62,6 +70,7 @@ class StaticDecoderStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self.model.decoder.step(self.tokens, self.position, self.cache)
+        self.graph_key = self._buffers_key()
 
 
 # One step object per (model, batch size), kept while the model lives: capturing costs milliseconds.

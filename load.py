@@ -13,8 +13,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from model import MODEL_DIMS, ModelDimensions, Whisper
+from model import FIXED_CONTEXT, MODEL_DIMS, AudioContext, ModelDimensions, Whisper
 from weights import CheckpointError, read_checkpoint
+
+# Our .pt files add entries beside OpenAI's two ("dims", "model_state_dict"), which openai-whisper ignores:
+# "audio_context" (absent: 30 s windows, as every official checkpoint) and, for students, their provenance
+# under a format version. A version this code does not know is refused, never guessed at.
+CHECKPOINT_FORMAT = 1
+PROVENANCE_KEYS = ("teacher", "method", "seed", "data", "commit", "dev_wer")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # the --dtype choices
 
@@ -34,7 +40,7 @@ def load_model(name_or_path, device=None, dtype: Optional[torch.dtype] = None) -
     in eval mode on `device` (default: default_device()) in `dtype` (default: default_dtype(device))."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    dims_dict, state = read_checkpoint(name_or_path)
+    dims_dict, state, extra = read_checkpoint(name_or_path)
     try:
         dims = ModelDimensions(**dims_dict)
     except TypeError as err:
@@ -42,10 +48,25 @@ def load_model(name_or_path, device=None, dtype: Optional[torch.dtype] = None) -
     expected = MODEL_DIMS.get(str(name_or_path))
     if expected is not None and dims != expected:
         raise CheckpointError(f"{name_or_path}: checkpoint dimensions {dims} are not those of {name_or_path} ({expected})")
-    model = Whisper(dims)
+    model = Whisper(dims, audio_context_of(extra, name_or_path))
     check_state_dict(model, state, name_or_path)
     model.load_state_dict(state)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def audio_context_of(extra: dict, source) -> AudioContext:
+    """The audio-context policy a checkpoint's extra entries declare (none: 30 s windows)."""
+    version = extra.get("format_version", CHECKPOINT_FORMAT)
+    if version != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{source}: checkpoint format version {version!r}; this code reads version "
+                              f"{CHECKPOINT_FORMAT} (written by another FastWhisper release?)")
+    policy = extra.get("audio_context")
+    if policy is None:
+        return FIXED_CONTEXT
+    try:
+        return AudioContext(**policy)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{source}: bad audio_context {policy!r} ({err})") from None
 
 
 def check_state_dict(model: nn.Module, state: dict, source) -> None:
@@ -84,7 +105,19 @@ def atomic_save(obj, path) -> None:
         raise
 
 
-def save_checkpoint(model: Whisper, path, **extra) -> None:
-    """Save atomically in OpenAI's .pt layout, which load_model (and openai-whisper) read back.
-    `extra` entries go beside "dims" and "model_state_dict" (openai-whisper ignores them)."""
-    atomic_save({"dims": asdict(model.dims), "model_state_dict": model.state_dict(), **extra}, path)
+def save_checkpoint(model: Whisper, path, **provenance) -> None:
+    """Save atomically in OpenAI's .pt layout, which load_model (and openai-whisper) read back, with the
+    model's audio-context policy and, for a student, its provenance (PROVENANCE_KEYS: the teacher, method,
+    seed, data, commit and dev WER it was made with)."""
+    unknown = set(provenance) - set(PROVENANCE_KEYS)
+    if unknown:
+        raise ValueError(f"unknown provenance {sorted(unknown)}; expected some of {PROVENANCE_KEYS}")
+    checkpoint = {"dims": asdict(model.dims), "model_state_dict": model.state_dict(),
+                  "format_version": CHECKPOINT_FORMAT, "audio_context": asdict(model.audio_context), **provenance}
+    atomic_save(checkpoint, path)
+
+
+def checkpoint_provenance(path) -> dict:
+    """What a student checkpoint records of how it was made (empty for official weights)."""
+    _, _, extra = read_checkpoint(path)
+    return {k: extra[k] for k in PROVENANCE_KEYS if k in extra}

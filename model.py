@@ -4,9 +4,17 @@ Same architecture and parameter names as openai/whisper's model.py, so its check
 with two modernisations: attention goes through F.scaled_dot_product_attention, and the decoder's
 keys/values live in an explicit, preallocated `KVCache` instead of forward hooks.
 
-    mel (B, n_mels, 3000) -> AudioEncoder -> audio features (B, 1500, D)
+    mel (B, n_mels, 2 S) -> AudioEncoder -> audio features (B, S, D)
     tokens (B, T) + audio features -> TextDecoder -> logits (B, T, n_vocab)
+
+S is 1500 positions (30 s) for every official model. The encoder also takes fewer (any even number of
+frames up to 3000, the first S positions of its embedding), and a batch of rows of different lengths
+carries `audio_lengths` (B,): each row's positions holding its audio. Positions past a row's length are
+masked in the encoder's self-attention and the decoder's cross-attention, and its Mel frames there are
+zeroed, so each row's result is what it would be alone. `AudioContext` says which a model was made for.
 """
+import functools
+import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -28,6 +36,37 @@ class ModelDimensions:
     n_text_state: int
     n_text_head: int
     n_text_layer: int
+
+
+@dataclass(frozen=True)
+class AudioContext:
+    """How much audio a model's encoder is given. "fixed": every input padded to 30 s, as every official
+    Whisper (run on less, they loop and repeat). "dynamic": the real length of the audio plus `margin`
+    positions (20 ms each) of the silence after it, which students trained for it use to see the end."""
+    mode: str = "fixed"
+    margin: int = 0
+
+    def __post_init__(self):
+        if self.mode not in ("fixed", "dynamic") or self.margin < 0:
+            raise ValueError(f"audio context must be fixed or dynamic with a margin >= 0, got {self}")
+
+    def positions(self, content_frames: int, n_ctx: int) -> int:
+        """Encoder positions for audio of `content_frames` Mel frames (10 ms each): n_ctx when fixed; else
+        the audio's own (two frames per position, at least one) plus the margin, at most n_ctx."""
+        if self.mode == "fixed":
+            return n_ctx
+        return min(max(1, -(-content_frames // 2)) + self.margin, n_ctx)
+
+
+FIXED_CONTEXT = AudioContext()
+
+
+def padding_mask(lengths: Optional[Tensor], size: int) -> Optional[Tensor]:
+    """(B, size) bool, True where a row holds audio; None when no row is padded (the unmasked kernels then
+    run, bit for bit the same as without lengths)."""
+    if lengths is None or bool((lengths >= size).all()):
+        return None
+    return torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]
 
 
 def _dims(n_mels, width, heads, layers, n_vocab, decoder_layers=None) -> ModelDimensions:
@@ -77,6 +116,22 @@ def onednn_linear_available() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def onednn_takes(dtype: torch.dtype) -> bool:
+    """Whether this CPU's oneDNN reorders (and so multiplies) weights of `dtype`, found out once by trying.
+
+    float32 works everywhere; bfloat16 and float16 need hardware support (AVX-512 BF16/FP16 or
+    AVX-NE-CONVERT), and oneDNN raises on CPUs without it. Trying is more reliable than reading a
+    capability string: some CPUs have AVX-NE-CONVERT without AVX-512."""
+    if not onednn_linear_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 16, dtype=dtype), 1)
+        return True
+    except RuntimeError:
+        return False
+
+
 class OneDNNWeight:
     """A weight's copy in oneDNN's blocked layout, for CPU inference (see Whisper.optimize_for_decoding).
 
@@ -98,7 +153,7 @@ class OneDNNWeight:
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], onednn: Optional[OneDNNWeight]) -> Tensor:
     """x @ weight.T + bias in x's dtype. With `onednn`, on CPU when no gradient is needed, it multiplies
     by the blocked copy through oneDNN (inference only: that operator has no backward)."""
-    if onednn is not None and x.device.type == "cpu" and not torch.is_grad_enabled():
+    if onednn is not None and x.device.type == "cpu" and not torch.is_grad_enabled() and onednn_takes(x.dtype):
         return torch.ops.mkldnn._linear_pointwise(x, onednn.blocked(weight, x.dtype), bias, "none", [], "")
     return F.linear(x, weight.to(x.dtype), bias)
 
@@ -131,6 +186,7 @@ class KVCache:
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.cross_keys: Optional[Tensor] = None  # (layers, B, H, audio positions, head_dim), on first use
         self.cross_values: Optional[Tensor] = None
+        self.audio_mask: Optional[Tensor] = None  # (B, 1, 1, audio positions) bool, None: no padding
         self.cross_ready = [False] * dims.n_text_layer
         self.length = 0  # tokens cached so far (the position of the next token)
 
@@ -170,6 +226,14 @@ class KVCache:
     def cross(self, layer: int):
         return self.cross_keys[layer], self.cross_values[layer]
 
+    def store_audio_mask(self, mask: Optional[Tensor]):
+        """Keep the cross-attention mask of this audio, in place when the shape allows (a CUDA graph
+        holds its address)."""
+        if mask is None or self.audio_mask is None or self.audio_mask.shape != mask.shape:
+            self.audio_mask = mask
+        else:
+            self.audio_mask.copy_(mask)
+
     def reorder_beams(self, rows: Tensor):
         """Beam search: row i continues old row rows[i], in place. Only self-attention moves: beams of
         one utterance share its audio, so their cross-attention entries are already equal."""
@@ -190,12 +254,13 @@ class MultiHeadAttention(nn.Module):
         self.out = Linear(n_state, n_state)
 
     def forward(self, x: Tensor, source: Optional[Tensor] = None, cache: Optional[KVCache] = None,
-                layer: int = 0, position: Optional[Tensor] = None) -> Tensor:
+                layer: int = 0, position: Optional[Tensor] = None, key_mask: Optional[Tensor] = None) -> Tensor:
         """x (B, T, D) -> (B, T, D). Cross-attention reads `source` (B, S, D), or the cache once filled.
-        `position` (a (1,) tensor) marks a static-shape single-token step: see KVCache.write_at."""
+        `position` (a (1,) tensor) marks a static-shape single-token step: see KVCache.write_at.
+        `key_mask` (B, 1, 1, S) bool: the audio positions a row may attend to (None: all)."""
         q = self._heads(self.query(x))  # (B, H, T, hd)
         if self.cross:
-            out = self._attend_audio(q, *self._cross_kv(source, cache, layer))
+            out = self._attend_audio(q, *self._cross_kv(source, cache, layer), key_mask)
         elif position is not None:
             k, v = cache.write_at(layer, self._heads(self.key(x)), self._heads(self.value(x)), position)
             visible = (torch.arange(k.shape[2], device=x.device) <= position)[None]  # (1, max_length)
@@ -204,7 +269,7 @@ class MultiHeadAttention(nn.Module):
             k, v = self._heads(self.key(x)), self._heads(self.value(x))
             if cache is not None:
                 k, v = cache.extend(layer, k, v)
-            out = self._attend(q, k, v, causal=self.causal)
+            out = self._attend(q, k, v, causal=self.causal, key_mask=key_mask)
         return self.out(out.transpose(1, 2).flatten(2))  # (B, T, D)
 
     def _cross_kv(self, source: Optional[Tensor], cache: Optional[KVCache], layer: int):
@@ -219,18 +284,22 @@ class MultiHeadAttention(nn.Module):
         return x.view(*x.shape[:2], self.n_head, -1).transpose(1, 2)
 
     @staticmethod
-    def _attend_audio(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Cross-attention: q (B, H, T, hd) over the audio's k, v (B, H, 1500, hd)."""
+    def _attend_audio(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
+        """Cross-attention: q (B, H, T, hd) over the audio's k, v (B, H, S, hd)."""
         if q.device.type == "cpu" and q.dtype != torch.float32 and q.shape[2] == 1:
             # A decoding step in bfloat16/float16 on CPU: PyTorch's CPU flash-attention kernel takes
             # ~0.8 ms per layer here, two matrix products and a float32 softmax ~0.2 ms.
-            weights = (q @ k.transpose(-1, -2)).float().mul_(q.shape[-1] ** -0.5).softmax(-1)  # (B, H, 1, 1500)
-            return weights.to(v.dtype) @ v
-        return F.scaled_dot_product_attention(q, k, v)
+            scores = (q @ k.transpose(-1, -2)).float().mul_(q.shape[-1] ** -0.5)  # (B, H, 1, S)
+            if key_mask is not None:
+                scores = scores.masked_fill(~key_mask, float("-inf"))
+            return scores.softmax(-1).to(v.dtype) @ v
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
 
     @staticmethod
-    def _attend(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+    def _attend(q: Tensor, k: Tensor, v: Tensor, causal: bool, key_mask: Optional[Tensor] = None) -> Tensor:
         n_query, n_key = q.shape[2], k.shape[2]
+        if key_mask is not None:  # the encoder over a batch of rows of different lengths (not causal)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         if not causal or n_query == 1:  # a single new token may see everything cached
             return F.scaled_dot_product_attention(q, k, v)
         if n_query == n_key:
@@ -241,9 +310,9 @@ class MultiHeadAttention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, n_state: int, n_head: int, cross_attention: bool = False):
+    def __init__(self, n_state: int, n_head: int, cross_attention: bool = False, causal: bool = False):
         super().__init__()
-        self.attn = MultiHeadAttention(n_state, n_head, causal=cross_attention)  # decoder blocks are causal
+        self.attn = MultiHeadAttention(n_state, n_head, causal=causal)
         self.attn_ln = LayerNorm(n_state)
         self.cross_attn = MultiHeadAttention(n_state, n_head, cross=True) if cross_attention else None
         self.cross_attn_ln = LayerNorm(n_state) if cross_attention else None
@@ -251,10 +320,14 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp_ln = LayerNorm(n_state)
 
     def forward(self, x: Tensor, audio: Optional[Tensor] = None, cache: Optional[KVCache] = None, layer: int = 0,
-                position: Optional[Tensor] = None):
+                position: Optional[Tensor] = None, audio_mask: Optional[Tensor] = None):
+        """audio_mask (B, 1, 1, S): the audio positions each row holds, for the encoder's self-attention
+        and the decoder's cross-attention (None: every position)."""
+        if self.cross_attn is None:  # an encoder block
+            x = x + self.attn(self.attn_ln(x), key_mask=audio_mask)
+            return x + self.mlp(self.mlp_ln(x))
         x = x + self.attn(self.attn_ln(x), cache=cache, layer=layer, position=position)
-        if self.cross_attn is not None:
-            x = x + self.cross_attn(self.cross_attn_ln(x), audio, cache=cache, layer=layer)
+        x = x + self.cross_attn(self.cross_attn_ln(x), audio, cache=cache, layer=layer, key_mask=audio_mask)
         return x + self.mlp(self.mlp_ln(x))
 
 
@@ -267,16 +340,25 @@ class AudioEncoder(nn.Module):
         self.blocks = nn.ModuleList([ResidualAttentionBlock(n_state, n_head) for _ in range(n_layer)])
         self.ln_post = LayerNorm(n_state)
 
-    def forward(self, mel: Tensor) -> Tensor:
-        """mel (B, n_mels, 2 * n_ctx) -> audio features (B, n_ctx, n_state)."""
+    def forward(self, mel: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
+        """mel (B, n_mels, 2 S) with S <= n_ctx -> audio features (B, S, n_state). lengths (B,): each row's
+        positions holding audio (frames 2 * lengths); None: all S."""
         n_ctx = self.positional_embedding.shape[0]
-        if mel.shape[1:] != (self.conv1.in_channels, 2 * n_ctx):
-            raise ValueError(f"encoder expects mel (B, {self.conv1.in_channels}, {2 * n_ctx}), got {tuple(mel.shape)}")
+        n_frames = mel.shape[-1]
+        if mel.ndim != 3 or mel.shape[1] != self.conv1.in_channels or n_frames % 2 or not 2 <= n_frames <= 2 * n_ctx:
+            raise ValueError(f"encoder expects mel (B, {self.conv1.in_channels}, an even number of frames from 2 "
+                             f"to {2 * n_ctx}), got {tuple(mel.shape)}")
+        n_positions = n_frames // 2
+        mask = padding_mask(lengths, n_positions)  # (B, S) or None
+        if mask is not None:
+            # Frames past a row's end become the zeros its convolution would pad with if it ran alone.
+            mel = mel * mask.repeat_interleave(2, dim=1)[:, None, :].to(mel.dtype)
         x = F.gelu(self.conv1(mel))
-        x = F.gelu(self.conv2(x))  # stride 2: 3000 frames -> 1500 positions
-        x = (x.permute(0, 2, 1) + self.positional_embedding).to(x.dtype)  # (B, n_ctx, n_state)
+        x = F.gelu(self.conv2(x))  # stride 2: two frames per position
+        x = (x.permute(0, 2, 1) + self.positional_embedding[:n_positions]).to(x.dtype)  # (B, S, n_state)
+        key_mask = None if mask is None else mask[:, None, None, :]
         for block in self.blocks:
-            x = block(x)
+            x = block(x, audio_mask=key_mask)
         return self.ln_post(x)
 
 
@@ -290,20 +372,24 @@ class TextDecoder(nn.Module):
         # dimensions alone computes finite values rather than whatever torch.empty's memory held.
         self.positional_embedding = nn.Parameter(0.01 * torch.randn(n_ctx, n_state))
         self.blocks = nn.ModuleList(
-            [ResidualAttentionBlock(n_state, n_head, cross_attention=True) for _ in range(n_layer)]
+            [ResidualAttentionBlock(n_state, n_head, cross_attention=True, causal=True) for _ in range(n_layer)]
         )
         self.ln = LayerNorm(n_state)
 
-    def forward(self, tokens: Tensor, audio: Tensor, cache: Optional[KVCache] = None) -> Tensor:
-        """tokens (B, T) after the `cache.length` already seen; audio (B, 1500, D) -> logits (B, T, n_vocab) float32."""
+    def forward(self, tokens: Tensor, audio: Tensor, cache: Optional[KVCache] = None,
+                audio_lengths: Optional[Tensor] = None) -> Tensor:
+        """tokens (B, T) after the `cache.length` already seen; audio (B, S, D) with each row's positions
+        holding audio in audio_lengths (B,) (None: all) -> logits (B, T, n_vocab) float32. With a cache,
+        the audio's mask is kept from the first call, as its keys and values are."""
         offset = cache.length if cache is not None else 0
         n_ctx = self.positional_embedding.shape[0]
         if offset + tokens.shape[1] > n_ctx:
             raise ValueError(f"decoder context is {n_ctx} tokens; got {offset + tokens.shape[1]}")
         x = self.token_embedding(tokens) + self.positional_embedding[offset : offset + tokens.shape[1]]
         x = x.to(audio.dtype)
+        audio_mask = self._audio_mask(audio, cache, audio_lengths)
         for layer, block in enumerate(self.blocks):
-            x = block(x, audio, cache=cache, layer=layer)
+            x = block(x, audio, cache=cache, layer=layer, audio_mask=audio_mask)
         if cache is not None:
             cache.length += tokens.shape[1]
         return self._logits(x)
@@ -315,8 +401,20 @@ class TextDecoder(nn.Module):
         x = self.token_embedding(tokens) + self.positional_embedding[position]  # (B, 1, D)
         x = x.to(cache.keys.dtype)
         for layer, block in enumerate(self.blocks):
-            x = block(x, None, cache=cache, layer=layer, position=position)
+            x = block(x, None, cache=cache, layer=layer, position=position, audio_mask=cache.audio_mask)
         return self._logits(x)
+
+    @staticmethod
+    def _audio_mask(audio: Tensor, cache: Optional[KVCache], audio_lengths: Optional[Tensor]) -> Optional[Tensor]:
+        """The cross-attention mask (B, 1, 1, S): from the cache once it holds this audio, else built."""
+        if cache is not None and cache.cross_ready[0]:
+            return cache.audio_mask
+        mask = padding_mask(audio_lengths, audio.shape[1])
+        mask = None if mask is None else mask[:, None, None, :]
+        if cache is not None:
+            cache.store_audio_mask(mask)
+            return cache.audio_mask
+        return mask
 
     def _logits(self, x: Tensor) -> Tensor:
         x = self.ln(x)
@@ -325,24 +423,31 @@ class TextDecoder(nn.Module):
 
 
 class Whisper(nn.Module):
-    def __init__(self, dims: ModelDimensions):
+    def __init__(self, dims: ModelDimensions, audio_context: AudioContext = FIXED_CONTEXT):
         super().__init__()
         self.dims = dims
+        self.audio_context = audio_context  # what the model was made for; checkpoints carry it
         self.encoder = AudioEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer)
         self.decoder = TextDecoder(dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head, dims.n_text_layer)
 
-    def embed_audio(self, mel: Tensor) -> Tensor:
-        return self.encoder(mel)
+    def embed_audio(self, mel: Tensor, audio_lengths: Optional[Tensor] = None) -> Tensor:
+        return self.encoder(mel, audio_lengths)
 
-    def logits(self, tokens: Tensor, audio_features: Tensor, cache: Optional[KVCache] = None) -> Tensor:
-        return self.decoder(tokens, audio_features, cache)
+    def logits(self, tokens: Tensor, audio_features: Tensor, cache: Optional[KVCache] = None,
+               audio_lengths: Optional[Tensor] = None) -> Tensor:
+        return self.decoder(tokens, audio_features, cache, audio_lengths)
 
-    def forward(self, mel: Optional[Tensor], tokens: Tensor, audio_features: Optional[Tensor] = None) -> Tensor:
+    def forward(self, mel: Optional[Tensor], tokens: Tensor, audio_features: Optional[Tensor] = None,
+                audio_lengths: Optional[Tensor] = None) -> Tensor:
         """Teacher-forced logits (B, T, n_vocab). `audio_features` skips the encoder: distillation passes
-        the output of a frozen encoder it shares with the teacher, computed once for both."""
+        the output of a frozen encoder computed once (or cached). audio_lengths (B,): positions per row."""
         if audio_features is None:
-            audio_features = self.encoder(mel)
-        return self.decoder(tokens, audio_features)
+            audio_features = self.encoder(mel, audio_lengths)
+        return self.decoder(tokens, audio_features, audio_lengths=audio_lengths)
+
+    def audio_positions(self, content_frames: int) -> int:
+        """Encoder positions this model is given for audio of `content_frames` Mel frames."""
+        return self.audio_context.positions(content_frames, self.dims.n_audio_ctx)
 
     def optimize_for_decoding(self) -> "Whisper":
         """Switches the model to its fastest inference path on its device; returns self. On CPU, every
@@ -357,8 +462,13 @@ class Whisper(nn.Module):
         per step). The sums run in another order, so logits move by ~1e-5 (tests check that
         transcripts stay the same): `load_model` keeps the plain path, whose float32 logits are
         bit-identical to openai-whisper's, and the inference entry points (transcribe, evaluate, bench)
-        call this."""
+        call this. Where oneDNN cannot take the model's dtype (bfloat16 on a CPU without AVX-512 or
+        AVX-NE-CONVERT), the layers fall back to F.linear, with a warning."""
         use_onednn = self.device.type == "cpu" and onednn_linear_available()
+        if use_onednn and self.dtype != torch.float32 and not onednn_takes(self.dtype):
+            warnings.warn(f"{str(self.dtype)[6:]} has no hardware support on this CPU "
+                          f"({torch.backends.cpu.get_cpu_capability()}): it runs through plain F.linear, emulated "
+                          "and slower than float32", stacklevel=2)
         for module in self.modules():
             if isinstance(module, (Linear, TextDecoder)):
                 module.onednn = OneDNNWeight() if use_onednn else None

@@ -395,4 +395,4 @@ def get_tokenizer(
 def tokenizer_for(model, *, language: Optional[str] = None, task: Optional[str] = None) -> Tokenizer:
     """The tokenizer that fits `model` (a Whisper): English-only or multilingual, and as many language
     tokens as its vocabulary holds."""
-    return tokenizer_for(model, language=language, task=task)
+    return get_tokenizer(model.is_multilingual, num_languages=model.num_languages, language=language, task=task)

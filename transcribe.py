@@ -6,6 +6,10 @@
 - `transcribe`: audio of any length, by sequential 30 s windows. Each window is decoded with timestamps;
   the next window starts at the last complete timestamp pair, so no word is cut in two (openai/whisper's
   scheme), and the text so far is the prompt for the next window.
+
+How much audio the encoder sees is the model's `audio_context`: 30 s windows for the official models;
+for a student made for the real length, each clip (and the last, shorter window of a long recording) is
+encoded at its own length plus the model's margin, with clips batched by length so little is padded.
 """
 import argparse
 import json
@@ -23,7 +27,7 @@ from decoding import (
 )
 from kernels import log_mel_spectrogram
 from load import DTYPES, load_model
-from model import Whisper
+from model import AudioContext, Whisper
 from tokenizer import tokenizer_for
 
 FRAMES_PER_TOKEN = 2  # the encoder's stride: one timestamp step (20 ms) is two Mel frames
@@ -41,6 +45,11 @@ def _as_waveform(audio) -> np.ndarray:
     if audio.ndim != 1 or audio.size == 0:
         raise ValueError(f"expected non-empty mono audio (samples,), got shape {audio.shape}")
     return audio
+
+
+def frames_of_samples(n_samples: int) -> int:
+    """Mel frames (10 ms each) that hold a clip's audio."""
+    return -(-n_samples // HOP_LENGTH)
 
 
 def clip_mels(clips: Sequence[np.ndarray], n_mels: int, device) -> torch.Tensor:
@@ -64,12 +73,25 @@ def transcribe_clips(
     waveforms = [_as_waveform(c) for c in clips]
     results: List[DecodingResult] = [_silent_result(options) if is_silent(w) else None for w in waveforms]
     speech = [i for i, r in enumerate(results) if r is None]
+    if model.audio_context.mode == "dynamic":  # neighbours in length share a batch: little is padded
+        speech.sort(key=lambda i: len(waveforms[i]))
     for start in range(0, len(speech), batch_size):
         rows = speech[start : start + batch_size]
-        mel = clip_mels([waveforms[i] for i in rows], model.dims.n_mels, model.device)
-        for i, result in zip(rows, decode_with_fallback(model, mel, options, rules)):
+        mel, lengths = encoder_input(model, [waveforms[i] for i in rows])
+        for i, result in zip(rows, decode_with_fallback(model, mel, options, rules, lengths)):
             results[i] = result
     return results
+
+
+def encoder_input(model: Whisper, clips: Sequence[np.ndarray]):
+    """What the encoder gets for a batch of clips under the model's audio context: (mel (B, n_mels, 2 S),
+    positions per row (B,) or None). The Mel is always computed on the 30 s window, so each frame has the
+    value it has there; a model made for the real length is given only its first positions."""
+    mel = clip_mels(clips, model.dims.n_mels, model.device)  # (B, n_mels, 3000)
+    if model.audio_context.mode == "fixed":
+        return mel, None
+    positions = [model.audio_positions(frames_of_samples(len(clip))) for clip in clips]
+    return mel[:, :, : 2 * max(positions)], torch.tensor(positions, device=model.device)
 
 
 def _silent_result(options: DecodingOptions) -> DecodingResult:
@@ -109,9 +131,11 @@ def transcribe(
             seek += window_size
             continue
         window = pad_or_trim(mel[:, seek : seek + N_FRAMES], N_FRAMES)
+        if window_size < N_FRAMES:  # the last window: a model made for the real length sees only its audio
+            window = window[:, : 2 * model.audio_positions(window_size)]
         prompt = initial + all_tokens[prompt_start:]
         result = decode_with_fallback(model, window, replace(options, prompt=prompt or None), rules)[0]
-        if _is_silence(result, rules):
+        if rules.is_silence(result):
             seek += window_size
             continue
         new_segments, advance = _split_segments(result, tokenizer, seek, window_size)
@@ -123,12 +147,6 @@ def transcribe(
     for i, segment in enumerate(segments):
         segment["id"] = i
     return {"text": "".join(s["text"] for s in segments), "language": language, "segments": segments}
-
-
-def _is_silence(result: DecodingResult, rules: FallbackRules) -> bool:
-    if rules.no_speech_threshold is None or result.no_speech_prob <= rules.no_speech_threshold:
-        return False
-    return rules.logprob_threshold is None or result.avg_logprob <= rules.logprob_threshold
 
 
 def _split_segments(result: DecodingResult, tokenizer, seek: int, window_size: int):
@@ -210,14 +228,28 @@ def add_model_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="weights and activations (default: float16 on CUDA, float32 on CPU; bfloat16 is faster on CPUs with AVX512-BF16)")
+    parser.add_argument("--audio-ctx", choices=("fixed", "dynamic"), default=None,
+                        help="override the model's audio context: 30 s windows, or the real length plus a margin "
+                             "(default: what the checkpoint says; official models: fixed)")
+    parser.add_argument("--audio-margin", type=int, default=None,
+                        help="with --audio-ctx dynamic: encoder positions (20 ms) past the audio (default: the model's)")
 
 
 def load_model_for_decoding(args: argparse.Namespace) -> Whisper:
     """The model those flags name, set up for inference; a bad name or checkpoint exits with its error."""
     try:
-        return load_model(args.model, device=args.device, dtype=args.dtype and DTYPES[args.dtype]).optimize_for_decoding()
+        model = load_model(args.model, device=args.device, dtype=args.dtype and DTYPES[args.dtype])
     except (OSError, ValueError) as err:  # unknown name, missing package, broken checkpoint
         sys.exit(f"error: {err}")
+    if args.audio_ctx is not None:
+        model.audio_context = audio_context_override(model, args.audio_ctx, args.audio_margin)
+    return model.optimize_for_decoding()
+
+
+def audio_context_override(model: Whisper, mode: str, margin: Optional[int]) -> AudioContext:
+    """--audio-ctx/--audio-margin for experiments; the margin defaults to the model's own."""
+    margin = model.audio_context.margin if margin is None else margin
+    return AudioContext(mode, min(margin, model.dims.n_audio_ctx) if mode == "dynamic" else 0)
 
 
 def main(argv=None):

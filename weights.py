@@ -96,14 +96,15 @@ def _files_in(path: Path) -> List[Path]:
     )
 
 
-def read_checkpoint(name_or_path) -> Tuple[dict, StateDict]:
-    """(dims, state dict with OpenAI names) from any supported checkpoint."""
+def read_checkpoint(name_or_path) -> Tuple[dict, StateDict, dict]:
+    """(dims, state dict with OpenAI names, the checkpoint's other entries) from any supported checkpoint.
+    Only our own .pt files hold other entries (a student's audio context and provenance: see load.py)."""
     files = find_model_files(name_or_path)
     first = files[0]
     if first.name.startswith("model.bin"):
-        return read_ctranslate2(files)
+        return (*read_ctranslate2(files), {})
     if first.suffix == ".safetensors":
-        return read_huggingface(first.parent)
+        return (*read_huggingface(first.parent), {})
     return read_openai(first)
 
 
@@ -111,14 +112,15 @@ def read_checkpoint(name_or_path) -> Tuple[dict, StateDict]:
 # OpenAI .pt
 
 
-def read_openai(path: Path) -> Tuple[dict, StateDict]:
+def read_openai(path: Path) -> Tuple[dict, StateDict, dict]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a damaged zip/pickle
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from None
     if not isinstance(checkpoint, dict) or "dims" not in checkpoint or "model_state_dict" not in checkpoint:
         raise CheckpointError(f"{path}: expected a dict with 'dims' and 'model_state_dict' (an OpenAI Whisper checkpoint)")
-    return dict(checkpoint["dims"]), dict(checkpoint["model_state_dict"])
+    extra = {k: v for k, v in checkpoint.items() if k not in ("dims", "model_state_dict")}
+    return dict(checkpoint["dims"]), dict(checkpoint["model_state_dict"]), extra
 
 
 # ---------------------------------------------------------------------------------------------

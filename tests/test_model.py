@@ -11,7 +11,8 @@ import whisper  # test-only reference implementation
 
 from data import list_utterances
 from load import load_model, save_checkpoint
-from model import MODEL_DIMS, MultiHeadAttention, Whisper, onednn_linear_available
+import model as model_module
+from model import MODEL_DIMS, MultiHeadAttention, Whisper, onednn_linear_available, onednn_takes
 from weights import CheckpointError, find_model_files, read_checkpoint
 
 MODELS = ["tiny.en", "base"]
@@ -107,6 +108,53 @@ def test_blocked_weights_follow_updates_to_the_weights(data_dir):
     fast.load_state_dict(original)
     assert relative_error(model, fast) <= 1e-4
     assert relative_error(model.to(torch.bfloat16), fast.to(torch.bfloat16)) <= 3e-2  # bfloat16 rounding
+    # Which bfloat16 path ran: oneDNN's blocked copy where the CPU takes it, plain F.linear elsewhere.
+    onednn_bf16 = onednn_takes(torch.bfloat16)
+    print(f"bfloat16 path: {'oneDNN blocked weights' if onednn_bf16 else 'F.linear fallback'} "
+          f"({torch.backends.cpu.get_cpu_capability()})")
+    blocked = fast.decoder.onednn._blocked
+    assert (blocked.dtype == torch.bfloat16) == onednn_bf16  # else the copy is still the float32 one
+
+
+def _decoder_logits(model, tokens, audio):
+    return model.logits(tokens, audio.to(model.dtype))
+
+
+@torch.no_grad()
+def test_bfloat16_falls_back_to_plain_linear_where_onednn_cannot_take_it(monkeypatch):
+    """Any CPU: with oneDNN refusing bfloat16, optimize_for_decoding warns once and every layer runs
+    F.linear, giving the plain bfloat16 model's logits exactly."""
+    monkeypatch.setattr(model_module, "onednn_takes", lambda dtype: dtype == torch.float32)
+    torch.manual_seed(0)
+    dims = model_module.ModelDimensions(80, 1500, 64, 2, 1, 51864, 448, 64, 2, 2)
+    plain = Whisper(dims).to(torch.bfloat16).eval()
+    with pytest.warns(UserWarning, match="bfloat16 has no hardware support on this CPU"):
+        fast = copy.deepcopy(plain).optimize_for_decoding()
+    tokens, audio = torch.randint(0, 50000, (2, 5)), torch.randn(2, 1500, 64)
+    assert torch.equal(_decoder_logits(fast, tokens, audio), _decoder_logits(plain, tokens, audio))
+    assert fast.decoder.onednn._blocked is None  # no reorder was attempted
+
+
+@pytest.mark.parametrize("reorder_works", [True, False])
+def test_onednn_dtype_support_is_found_by_trying_the_reorder(monkeypatch, reorder_works):
+    """The decision comes from trying oneDNN's reorder once: mocked to work, and to raise as it does on a
+    CPU without AVX-512 or AVX-NE-CONVERT."""
+    calls = []
+
+    def reorder(weight, groups):
+        calls.append(weight.dtype)
+        if not reorder_works:
+            raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert")
+        return weight
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", reorder)
+    onednn_takes.cache_clear()
+    try:
+        assert onednn_takes(torch.bfloat16) is reorder_works
+        assert onednn_takes(torch.bfloat16) is reorder_works
+        assert calls == [torch.bfloat16]  # tried once, then remembered
+    finally:
+        onednn_takes.cache_clear()  # the real answer for the tests after this one
 
 
 def test_single_query_cross_attention_in_half_precision_on_cpu():
@@ -154,7 +202,8 @@ def test_half_precision_runs_on_cpu(data_dir):
 
 def test_dimensions_match_published_table():
     for name in MODELS:
-        dims, _ = read_checkpoint(name)
+        dims, _, extra = read_checkpoint(name)
+        assert extra == {}  # official weights carry nothing beyond dims and tensors
         assert dims == MODEL_DIMS[name].__dict__
 
 
