@@ -9,14 +9,14 @@ This module knows files and transcripts, never models.
 import json
 import os
 import random
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
 
+import numpy as np
 import torch
 
-from audio import N_SAMPLES, SAMPLE_RATE, AudioError, load_audio
+from audio import N_SAMPLES
 
 DATA_ENV = "FASTWHISPER_DATA"
 AUDIO_SUFFIXES = (".flac", ".wav", ".ogg", ".mp3", ".opus", ".aiff", ".aif")
@@ -103,72 +103,25 @@ def _read_sidecar_folder(folder: Path) -> List[Utterance]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Training data: waveforms and token sequences, batched by length. Log-Mel is computed by the
-# training loop on whole batches (on GPU, by the fused kernel), not here.
+# Training data: token sequences, batched by length; SpecAugment for the modes that see the log-Mel.
 
 
 IGNORE_LABEL = -100  # label of positions that carry no loss (the prompt, padding)
 
 
-def training_tokens(tokenizer, text: str, max_length: int = 448) -> Tuple[List[int], List[int]]:
-    """Decoder input and labels for a transcript, with Whisper's prompt and no timestamps.
+def training_tokens(tokenizer, target: List[int], timestamps: bool = False,
+                    max_length: int = 448) -> Tuple[List[int], List[int]]:
+    """Decoder input and labels for a target's token ids (text, or text and timestamp tokens), with
+    Whisper's prompt: <|notimestamps|> ends it unless the target carries timestamps.
 
-    input:  <|sot|> [lang task] <|notimestamps|> t1 ... tn
-    labels:   -     ...            t1           t2 ... eot     (the prompt itself carries no loss)
+    input:  <|sot|> [lang task] [<|notimestamps|>] t1 ... tn
+    labels:   -     ...               t1           t2 ... eot     (the prompt itself carries no loss)
     """
-    prompt = list(tokenizer.sot_sequence_including_notimestamps)
-    text_tokens = tokenizer.encode(" " + text.strip())[: max_length - len(prompt)]
-    tokens = prompt + text_tokens
-    labels = [IGNORE_LABEL] * (len(prompt) - 1) + text_tokens + [tokenizer.eot]
+    prompt = list(tokenizer.sot_sequence if timestamps else tokenizer.sot_sequence_including_notimestamps)
+    target = list(target)[: max_length - len(prompt)]
+    tokens = prompt + target
+    labels = [IGNORE_LABEL] * (len(prompt) - 1) + target + [tokenizer.eot]
     return tokens, labels
-
-
-class SpeechDataset:
-    """(utterance, target text) pairs -> dicts of waveform, tokens and labels; unreadable files give None."""
-
-    def __init__(self, examples: List[Tuple[Utterance, str]], tokenizer, max_seconds: float = 30.0):
-        self.examples = examples
-        self.tokenizer = tokenizer
-        self.max_samples = int(max_seconds * SAMPLE_RATE)
-        self.token_lengths = [len(training_tokens(tokenizer, text)[0]) for _, text in examples]
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> Optional[dict]:
-        utterance, text = self.examples[index]
-        try:
-            audio = load_audio(utterance.audio)
-        except (OSError, AudioError) as err:  # a bad file costs one example, never the epoch
-            warnings.warn(f"skipping unreadable {utterance.audio}: {err}")
-            return None
-        if len(audio) > self.max_samples:
-            warnings.warn(f"skipping {utterance.audio}: longer than {self.max_samples / SAMPLE_RATE:.0f} s")
-            return None
-        tokens, labels = training_tokens(self.tokenizer, text)
-        return dict(id=utterance.id, audio=audio, tokens=tokens, labels=labels)
-
-
-def collate(items: List[Optional[dict]], n_samples: int = N_SAMPLES, pad_token: int = 50256) -> dict:
-    """Stack a batch: audio (B, n_samples) zero-padded + lengths (B,), tokens/labels (B, T) padded.
-
-    `skipped` counts the items that could not be read, so the training loop can report them.
-    """
-    good = [item for item in items if item is not None]
-    batch = dict(skipped=len(items) - len(good), ids=[item["id"] for item in good])
-    if not good:
-        return batch
-    width = max(len(item["tokens"]) for item in good)
-    audio = torch.zeros(len(good), n_samples)
-    tokens = torch.full((len(good), width), pad_token, dtype=torch.long)
-    labels = torch.full((len(good), width), IGNORE_LABEL, dtype=torch.long)
-    for row, item in enumerate(good):
-        audio[row, : len(item["audio"])] = torch.from_numpy(item["audio"])
-        tokens[row, : len(item["tokens"])] = torch.tensor(item["tokens"])
-        labels[row, : len(item["labels"])] = torch.tensor(item["labels"])
-    lengths = torch.tensor([len(item["audio"]) for item in good])
-    batch.update(audio=audio, lengths=lengths, tokens=tokens, labels=labels)
-    return batch
 
 
 def length_bucketed_batches(
@@ -215,33 +168,44 @@ def spec_augment(mel, lengths_frames, generator, freq_masks: int = 2, freq_width
     return mel
 
 
-class PseudoLabelCache:
-    """Teacher transcripts on disk (JSON), keyed by teacher, file path, size and mtime: computed once."""
+# ---------------------------------------------------------------------------------------------
+# Long-form examples: real 30 s windows, not padding, from consecutive utterances of a chapter.
 
-    def __init__(self, path):
-        self.path = Path(path)
-        self.labels = json.loads(self.path.read_text()) if self.path.exists() else {}
 
-    @staticmethod
-    def key(teacher: str, audio: Path) -> str:
-        stat = Path(audio).stat()
-        return f"{teacher}|{Path(audio).resolve()}|{stat.st_size}|{int(stat.st_mtime)}"
+@dataclass(frozen=True, eq=False)
+class Window:
+    ids: Tuple[str, ...]  # the utterances joined, in order
+    audio: np.ndarray  # their waveforms end to end, float32 16 kHz mono
+    text: str  # their transcripts joined by spaces, so the reference stays exact
 
-    def get(self, teacher: str, audio: Path) -> Optional[dict]:
-        """{"text": ...}, {"error": ...} for a file that could not be read, or None if not labelled yet."""
-        try:
-            return self.labels.get(self.key(teacher, audio))
-        except OSError:  # the file has gone since: treat as unreadable, never crash
-            return {"error": f"{audio} cannot be read"}
 
-    def put(self, teacher: str, audio: Path, entry: dict):
-        try:
-            self.labels[self.key(teacher, audio)] = entry
-        except OSError:
-            pass  # missing file: nothing to key it by; get() reports it as unreadable
+def window_runs(utterances: List[Tuple[str, int]], n: Optional[int] = None,
+                max_samples: int = N_SAMPLES) -> List[List[int]]:
+    """Which utterances to join: the n longest runs (all, if n is None) of consecutive (id, n_samples)
+    utterances of one chapter that fit in max_samples (Whisper's 30 s window), as index lists in id
+    order. Utterances are taken whole, in the order given; a LibriSpeech id is speaker-chapter-n, so its
+    chapter is all but n."""
+    def chapter(utt_id):
+        return utt_id.rsplit("-", 1)[0]
 
-    def save(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(self.labels, indent=0, ensure_ascii=False))
-        temporary.replace(self.path)  # atomic: a crash never leaves half a cache
+    def samples(run):
+        return sum(utterances[i][1] for i in run)
+
+    runs = []
+    for index, (utt_id, length) in enumerate(utterances):
+        run = runs[-1] if runs else []
+        if run and chapter(utterances[run[-1]][0]) == chapter(utt_id) and samples(run) + length <= max_samples:
+            run.append(index)
+        else:
+            runs.append([index])
+    longest = sorted(runs, key=samples, reverse=True)[:n]  # stable: ties keep id order
+    return sorted(longest, key=lambda run: run[0])
+
+
+def joined_windows(utterances: List[Tuple[str, np.ndarray, str]], n: int,
+                   max_samples: int = N_SAMPLES) -> List[Window]:
+    """The n longest runs of consecutive (id, audio, text) utterances of one chapter that fit in
+    max_samples, each joined end to end (see window_runs)."""
+    runs = window_runs([(utt_id, len(audio)) for utt_id, audio, _ in utterances], n, max_samples)
+    return [Window(tuple(utterances[i][0] for i in run), np.concatenate([utterances[i][1] for i in run]),
+                   " ".join(utterances[i][2] for i in run)) for run in runs]

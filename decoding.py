@@ -268,17 +268,18 @@ def initial_tokens(tokenizer: Tokenizer, options: DecodingOptions, n_ctx: int) -
 
 
 @torch.no_grad()
-def decode(model: Whisper, mel: Tensor, options: DecodingOptions = DecodingOptions(),
-           audio_lengths: Optional[Tensor] = None) -> List[DecodingResult]:
+def decode(model: Whisper, mel: Optional[Tensor], options: DecodingOptions = DecodingOptions(),
+           audio_lengths: Optional[Tensor] = None, audio_features: Optional[Tensor] = None) -> List[DecodingResult]:
     """Decode one window per utterance. mel (B, n_mels, 2 S) or (n_mels, 2 S): 3000 frames (30 s) for a
     model made for fixed windows, fewer for one made for the real length; audio_lengths (B,): each row's
-    encoder positions holding its audio, when rows of different lengths share the batch."""
-    if mel.ndim == 2:
-        mel = mel[None]
+    encoder positions holding its audio, when rows of different lengths share the batch. audio_features
+    (B, S, D), the encoder's output when the caller has it already, skips the encoder."""
     _check_options(model, options)
     if audio_lengths is not None:
         audio_lengths = torch.as_tensor(audio_lengths, device=model.device)
-    audio_features = model.embed_audio(mel.to(model.device, model.dtype), audio_lengths)  # (B, S, D)
+    if audio_features is None:
+        mel = mel[None] if mel.ndim == 2 else mel
+        audio_features = model.embed_audio(mel.to(model.device, model.dtype), audio_lengths)  # (B, S, D)
     n_audio = audio_features.shape[0]
 
     language = options.language or ("en" if not model.is_multilingual else None)
@@ -422,17 +423,21 @@ class FallbackRules:
 NO_FALLBACK = FallbackRules(temperatures=(0.0,))
 
 
-def decode_with_fallback(model: Whisper, mel: Tensor, options: DecodingOptions, rules: FallbackRules = FallbackRules(),
-                         audio_lengths: Optional[Tensor] = None) -> List[DecodingResult]:
-    """decode() at the first temperature; rows that need it are decoded again at the next one, and so on."""
-    if mel.ndim == 2:
-        mel = mel[None]
-    results: List[Optional[DecodingResult]] = [None] * mel.shape[0]
-    pending = list(range(mel.shape[0]))
+def decode_with_fallback(model: Whisper, mel: Optional[Tensor], options: DecodingOptions,
+                         rules: FallbackRules = FallbackRules(), audio_lengths: Optional[Tensor] = None,
+                         audio_features: Optional[Tensor] = None) -> List[DecodingResult]:
+    """decode() at the first temperature; rows that need it are decoded again at the next one, and so on.
+    Either mel or the encoder's audio_features (computed once for every temperature)."""
+    if audio_features is None:
+        mel = mel[None] if mel.ndim == 2 else mel
+        lengths = None if audio_lengths is None else torch.as_tensor(audio_lengths, device=model.device)
+        audio_features = model.embed_audio(mel.to(model.device, model.dtype), lengths)
+    results: List[Optional[DecodingResult]] = [None] * audio_features.shape[0]
+    pending = list(range(audio_features.shape[0]))
     for n, temperature in enumerate(rules.temperatures):
         last = n == len(rules.temperatures) - 1
         lengths = None if audio_lengths is None else torch.as_tensor(audio_lengths)[pending]
-        outputs = decode(model, mel[pending], with_temperature(options, temperature), lengths)
+        outputs = decode(model, None, with_temperature(options, temperature), lengths, audio_features[pending])
         retry = []
         for row, result in zip(pending, outputs):
             results[row] = result

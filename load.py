@@ -88,21 +88,26 @@ def check_state_dict(model: nn.Module, state: dict, source) -> None:
         raise CheckpointError(f"{source}: checkpoint does not fit the model: " + "; ".join(problems))
 
 
-def atomic_save(obj, path) -> None:
-    """torch.save through a temporary file in the same folder and a rename: a reader (or a resumed run)
-    sees the old file or the new one, never half of one, even if the process dies mid-write."""
+def atomic_write(path, write) -> None:
+    """write(f) into a temporary file in the same folder, then rename it over `path`: a reader (or a
+    resumed run) sees the old file or the new one, never half of one, even if the process dies mid-write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save(obj, path) -> None:
+    """torch.save, atomically (see atomic_write)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(model: Whisper, path, **provenance) -> None:

@@ -8,15 +8,23 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
-from askd import ASKDConfig, ASKDSchedule, distillation_loss
-from data import SpeechDataset, collate, length_bucketed_batches, list_utterances, training_tokens
-from kernels import log_mel_spectrogram
-from load import load_model
+from askd import ASKDConfig, ASKDSchedule, SoftTargets, distillation_loss, top_k_kl_div
+from audio import load_audio
+from data import length_bucketed_batches, list_utterances, training_tokens
+from kernels import kl_div_reference
+from load import checkpoint_provenance, load_model
+from model import AudioContext
 from student import make_student, shares_teacher_encoder, spaced_layers
-from tokenizer import get_tokenizer
+from tokenizer import get_tokenizer, tokenizer_for
+from transcribe import clip_mels
+from cache import ArrayCache
+from data import DEV_SPEAKERS
+from prepare import label_examples, labelling_key, plan_examples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,25 +106,30 @@ def test_baselines_weights():
         ASKDConfig(method="magic")
 
 
-def _batch(data_dir, tokenizer, n=2):
+def _batch(teacher, data_dir, n=2):
+    """Two test-clean utterances: 30 s mel, teacher-forcing tokens and labels for their transcripts."""
+    tokenizer = tokenizer_for(teacher, language="en", task="transcribe")
     utterances = list_utterances(data_dir / "test-clean")[:n]
-    dataset = SpeechDataset([(u, u.text.lower()) for u in utterances], tokenizer)
-    batch = collate([dataset[i] for i in range(n)])
-    mel = log_mel_spectrogram(batch["audio"], lengths=batch["lengths"])
-    return mel, batch["tokens"], batch["labels"]
+    pairs = [training_tokens(tokenizer, tokenizer.encode(" " + u.text.lower())) for u in utterances]
+    width = max(len(tokens) for tokens, _ in pairs)
+    tokens = torch.full((n, width), 50256)
+    labels = torch.full((n, width), -100)
+    for row, (t, lab) in enumerate(pairs):
+        tokens[row, : len(t)], labels[row, : len(lab)] = torch.tensor(t), torch.tensor(lab)
+    mel = clip_mels([load_audio(u.audio) for u in utterances], 80, "cpu")
+    return mel, tokens, labels
 
 
 @pytest.mark.parametrize("method", ["ce", "kd", "askd"])
 def test_loss_terms_finite_and_decreasing_on_a_repeated_batch(teacher, data_dir, method):
     torch.manual_seed(0)
-    tokenizer = get_tokenizer(False)
-    mel, tokens, labels = _batch(data_dir, tokenizer)
+    mel, tokens, labels = _batch(teacher, data_dir)
     student = make_student(teacher, decoder_layers=1)
     schedule = ASKDSchedule(ASKDConfig(method=method))
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=3e-4)
     with torch.no_grad():
         features = teacher.embed_audio(mel)
-        soft = teacher(mel, tokens, audio_features=features)
+        soft = SoftTargets(logits=teacher(mel, tokens, audio_features=features))
     history = []
     for step in range(6):
         losses = distillation_loss(
@@ -136,13 +149,49 @@ def test_loss_terms_finite_and_decreasing_on_a_repeated_batch(teacher, data_dir,
         assert all(h["kl"] == 0 for h in history)
 
 
+def _teacher_rows(n=6, v=1271, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return 4 * torch.randn(n, v, generator=generator), 4 * torch.randn(n, v, generator=generator)
+
+
+def _top_k(teacher_logits, k, temperature):
+    values, ids = teacher_logits.topk(k, dim=-1)
+    return values, ids, (teacher_logits / temperature).logsumexp(-1)
+
+
+def test_top_k_kl_with_every_token_kept_is_the_full_kl():
+    student, teacher = _teacher_rows()
+    full = kl_div_reference(student, teacher, 2.0)
+    assert torch.allclose(top_k_kl_div(student, *_top_k(teacher, teacher.shape[1], 2.0), 2.0), full, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 16, 256])
+def test_top_k_kl_is_a_lower_bound_and_pulls_the_same_way(k):
+    """Merging the teacher's other tokens into one bucket can only lose information (a lower bound); the
+    gradient must still point the way the full KL's does."""
+    student, teacher = _teacher_rows(seed=k)
+    a, b = student.clone().requires_grad_(), student.clone().requires_grad_()
+    approx = top_k_kl_div(a, *_top_k(teacher, k, 2.0), 2.0)
+    full = kl_div_reference(b, teacher, 2.0)
+    approx.backward()
+    full.backward()
+    assert 0 <= approx.item() <= full.item() + 1e-6
+    cosine = torch.nn.functional.cosine_similarity(a.grad.flatten(), b.grad.flatten(), dim=0)
+    assert cosine > {1: 0.3, 16: 0.6, 256: 0.95}[k], cosine
+
+
 def test_training_tokens_layout():
     tokenizer = get_tokenizer(True, language="en", task="transcribe")
-    tokens, labels = training_tokens(tokenizer, "hello world")
+    text = tokenizer.encode(" hello world")
+    tokens, labels = training_tokens(tokenizer, text)
     prompt = list(tokenizer.sot_sequence_including_notimestamps)
     assert tokens[: len(prompt)] == prompt and len(tokens) == len(labels)
     assert labels[: len(prompt) - 1] == [-100] * (len(prompt) - 1)
     assert labels[len(prompt) - 1 : -1] == tokens[len(prompt) :] and labels[-1] == tokenizer.eot
+    stamped = [tokenizer.timestamp_begin, *text, tokenizer.timestamp_begin + 50]
+    tokens, labels = training_tokens(tokenizer, stamped, timestamps=True)
+    assert tokens[: len(tokenizer.sot_sequence)] == list(tokenizer.sot_sequence)
+    assert tokenizer.no_timestamps not in tokens and labels[-2:] == [tokenizer.timestamp_begin + 50, tokenizer.eot]
 
 
 def test_batches_are_deterministic_and_sharded():
@@ -156,18 +205,75 @@ def test_batches_are_deterministic_and_sharded():
 
 
 # ---------------------------------------------------------------------------------------------
-# distill.py end to end
+# The cache and preparation
 
 
-def _distill(out, *extra, data=None, env=None, wait=True):
+def test_cache_detects_another_key_and_damaged_items(tmp_path):
+    cache = ArrayCache(tmp_path, dict(teacher="a", top_k=64), log=lambda *a: None)
+    arrays = dict(x=np.arange(12, dtype=np.float16).reshape(3, 4), ids=np.arange(5, dtype=np.int32))
+    cache.put("one", arrays, dict(text="hi"))
+    cache.put("two", arrays)
+    got = cache.load("one")
+    assert isinstance(got["x"], np.memmap) and np.array_equal(got["x"], arrays["x"]) and cache.fields("one") == dict(text="hi")
+    data = cache.items / "one.x.npy"
+    data.write_bytes(data.read_bytes()[:-3])  # truncated
+    assert not cache.verify("one") and not cache.has("one")  # detected, and removed to be recomputed
+    flipped = bytearray((cache.items / "two.ids.npy").read_bytes())
+    flipped[-1] ^= 1
+    (cache.items / "two.ids.npy").write_bytes(bytes(flipped))  # same size, one bit wrong
+    assert not cache.verify("two")
+    cache.put("three", arrays)
+    messages = []
+    again = ArrayCache(tmp_path, dict(teacher="b", top_k=64), log=messages.append)
+    assert not again.has("three") and "another key" in messages[0] and "teacher" in messages[0]
+
+
+def test_labelling_resumes_and_recomputes_only_what_is_missing_or_damaged(teacher, data_dir, tmp_path):
+    examples = plan_examples(list_utterances(data_dir / "test-clean")[:3], timestamp_share=0.5, windows=0)
+    cache = ArrayCache(tmp_path, labelling_key(teacher), log=lambda *a: None)
+    first, _ = label_examples(teacher, examples[:2], cache, batch_size=2, log=lambda *a: None)  # as if killed
+    damaged = cache.items / f"{first[0].item}.teacher_features.npy"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    messages = []
+    labelled, counts = label_examples(teacher, examples, cache, batch_size=2, log=messages.append)
+    assert "labelling 2 of 3" in messages[0]  # the damaged one and the one never done
+    assert [x.text for x in labelled[:2]] == [x.text for x in first] and counts["unreadable"] == 0
+
+
+def test_long_windows_join_consecutive_utterances_of_a_chapter(data_dir):
+    utterances = list_utterances(data_dir / "train-clean-5", exclude_speakers=DEV_SPEAKERS)[:40]
+    examples = plan_examples(utterances, timestamp_share=0.0, windows=5)
+    windows = [e for e in examples if len(e.audio) > 1]
+    assert 1 <= len(windows) <= 5 and all(e.timestamps for e in windows)
+    by_id = {u.audio: u for u in utterances}
+    for window in windows:
+        parts = [by_id[path] for path in window.audio]
+        assert len({u.id.rsplit("-", 1)[0] for u in parts}) == 1  # one chapter
+        assert [u.id for u in parts] == sorted(u.id for u in parts)
+        assert window.reference == " ".join(u.text for u in parts)
+        assert sum(sf.info(str(p)).frames for p in window.audio) <= 30 * 16000
+    assert not any(e.timestamps for e in examples if len(e.audio) == 1)  # share 0
+
+
+# ---------------------------------------------------------------------------------------------
+# distill.py end to end (tiny.en on test-clean; one label/target cache shared by the runs)
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def _distill(out, *extra, data, cache, env=None, wait=True):
     command = [
         sys.executable, "distill.py", "--teacher", "tiny.en", "--data", str(data), "--out", str(out),
-        "--decoder-layers", "1", "--batch-size", "2", "--workers", "0", "--log-every", "1", "--seed", "3", *extra,
+        "--cache", str(cache), "--decoder-layers", "1", "--batch-size", "2", "--workers", "0", "--log-every", "1",
+        "--seed", "3", "--windows", "1", "--margins", "8,16", *extra,
     ]
     environment = {**os.environ, **(env or {})}
     if not wait:
         return subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=900)
 
 
 def _log(out):
@@ -179,35 +285,40 @@ def _losses(out):
 
 
 @pytest.mark.parametrize("method", ["ce", "kd", "askd"])
-def test_each_method_trains_and_writes_a_loadable_student(data_dir, tmp_path, method):
+def test_each_method_trains_and_writes_a_loadable_student(data_dir, tmp_path, shared_cache, method):
     out = tmp_path / method
     run = _distill(out, "--method", method, "--max-steps", "4", "--phase-a-end", "0.5", "--self-refresh", "1",
                    "--eval-data", str(data_dir / "test-clean"), "--eval-limit", "2", "--eval-every", "0",
-                   "--labels", "transcript", data=data_dir / "test-clean")
-    assert run.returncode == 0, run.stderr[-2000:]
+                   data=data_dir / "test-clean", cache=shared_cache)
+    assert run.returncode == 0, run.stderr[-3000:]
     records = [r for r in _log(out) if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     phases = [r["phase"] for r in records]
     assert phases == {"ce": ["none"] * 4, "kd": ["teacher"] * 4, "askd": ["teacher"] * 3 + ["self"]}[method]
+    assert all(0 <= r["share_forward"] <= 1 and r["audio_s_per_s"] > 0 for r in records)
     done = _log(out)[-1]
     assert done["done"] and 0 <= done["student_dev_wer"] and 0 <= done["teacher_dev_wer"] < 0.2
+    prepared = next(r["preparation"] for r in _log(out) if "preparation" in r)
+    assert prepared["windows"] == 1 and prepared["examples_kept"] >= 3
     student = load_model(out / "student.pt", device="cpu")
-    assert student.dims.n_text_layer == 1
+    assert student.dims.n_text_layer == 1 and student.audio_context == AudioContext("dynamic", 16)
+    assert checkpoint_provenance(out / "student.pt")["method"] == method
     run = subprocess.run([sys.executable, "evaluate.py", "--model", str(out / "student.pt"), "--data", str(data_dir / "test-clean"),
                           "--limit", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "WER" in run.stdout, run.stderr[-2000:]
 
 
-def test_interrupt_and_resume_gives_the_same_trajectory(data_dir, tmp_path):
-    common = ("--max-steps", "8", "--phase-a-end", "0.5", "--self-refresh", "2", "--labels", "transcript", "--eval-every", "0")
+def test_interrupt_and_resume_gives_the_same_trajectory(data_dir, tmp_path, shared_cache):
+    common = ("--max-steps", "8", "--method", "askd", "--phase-a-end", "0.5", "--self-refresh", "2",
+              "--eval-every", "0", "--exclude-speakers", "")
     data = data_dir / "test-clean"
     straight = tmp_path / "straight"
-    assert _distill(straight, *common, data=data).returncode == 0
+    assert _distill(straight, *common, data=data, cache=shared_cache).returncode == 0
     expected = _losses(straight)
 
     broken = tmp_path / "broken"
-    process = _distill(broken, *common, data=data, wait=False)
-    deadline = time.time() + 300
+    process = _distill(broken, *common, data=data, cache=shared_cache, wait=False)
+    deadline = time.time() + 600
     while time.time() < deadline:  # interrupt once a few steps are logged
         if (broken / "log.jsonl").exists() and len(_losses(broken)) >= 3:
             break
@@ -219,50 +330,75 @@ def test_interrupt_and_resume_gives_the_same_trajectory(data_dir, tmp_path):
     stopped_at = max(_losses(broken))
     assert stopped_at < 8
 
-    resumed = _distill(broken, *common, "--resume", data=data)
+    resumed = _distill(broken, *common, "--resume", data=data, cache=shared_cache)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     got = _losses(broken)
     assert sorted(got) == list(range(1, 9))
     for step, loss in expected.items():
         assert math.isclose(got[step], loss, rel_tol=1e-5), (step, got[step], loss)
 
-    mismatch = _distill(broken, *common, "--resume", "--method", "kd", data=data)
+    mismatch = _distill(broken, *common, "--resume", "--method", "kd", data=data, cache=shared_cache)
     assert mismatch.returncode != 0 and "--method" in mismatch.stderr
 
 
-def test_resume_without_checkpoint_is_an_error(data_dir, tmp_path):
-    run = _distill(tmp_path / "none", "--max-steps", "2", "--labels", "transcript", "--resume", data=data_dir / "test-clean")
+def test_resume_without_checkpoint_is_an_error(data_dir, tmp_path, shared_cache):
+    run = _distill(tmp_path / "none", "--max-steps", "2", "--resume", data=data_dir / "test-clean", cache=shared_cache)
     assert run.returncode != 0 and "does not exist" in run.stderr
 
 
-def test_corrupt_audio_is_skipped_and_counted(data_dir, tmp_path):
-    folder = tmp_path / "clips"
+def _clip_folder(data_dir, folder, n=3):
     folder.mkdir()
-    for u in list_utterances(data_dir / "test-clean")[:3]:
+    for u in list_utterances(data_dir / "test-clean")[:n]:
         shutil.copy(u.audio, folder / u.audio.name)
         (folder / u.audio.name).with_suffix(".txt").write_text(u.text)
+    return folder
+
+
+def test_unreadable_and_over_long_audio_is_skipped_and_counted(data_dir, tmp_path, shared_cache):
+    folder = _clip_folder(data_dir, tmp_path / "clips")
     (folder / "broken.flac").write_bytes(b"not audio at all" * 100)
     (folder / "broken.txt").write_text("SOME TEXT")
+    sf.write(folder / "long.flac", 0.1 * np.random.default_rng(0).standard_normal(31 * 16000), 16000)
+    (folder / "long.txt").write_text("TOO LONG")
     out = tmp_path / "run"
-    run = _distill(out, "--max-steps", "2", "--eval-every", "0", data=folder)
+    run = _distill(out, "--max-steps", "2", "--eval-every", "0", "--windows", "0", data=folder, cache=tmp_path / "c")
     assert run.returncode == 0, run.stderr[-2000:]
-    assert '"unreadable": 1' in run.stderr and "broken.flac" in run.stderr
-    # a file that breaks after labelling is skipped mid-epoch, not fatal
-    (folder / list_utterances(data_dir / "test-clean")[0].audio.name).write_bytes(b"gone bad")
-    run = _distill(out, "--max-steps", "2", "--eval-every", "0", "--labels", "transcript", data=folder)
+    assert '"unreadable": 2' in run.stderr and "broken.flac" in run.stderr and "longer than" in run.stderr
+    # in the mode that reads audio during training, a file that breaks after preparation costs one example
+    first = list_utterances(folder)[0]
+    (folder / first.audio.name).write_bytes(b"gone bad")
+    run = _distill(out, "--max-steps", "2", "--eval-every", "0", "--windows", "0", "--trainable-encoder-layers", "-1",
+                   data=folder, cache=tmp_path / "c")
     assert run.returncode == 0, run.stderr[-2000:]
-    assert sum(r.get("skipped", 0) > 0 for r in _log(out)) >= 1
 
 
-def test_torchrun_two_processes_with_gloo(data_dir, tmp_path):
+def test_sigkill_during_preparation_then_the_same_command_resumes(data_dir, tmp_path):
+    folder = _clip_folder(data_dir, tmp_path / "clips", n=4)
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    args = ("--max-steps", "1", "--eval-every", "0", "--windows", "0", "--batch-size", "1")
+    process = _distill(out, *args, data=folder, cache=cache, wait=False)
+    deadline = time.time() + 600
+    while time.time() < deadline and len(list((cache / "labels" / "items").glob("*.json"))) < 1:
+        time.sleep(0.05)
+    process.kill()  # SIGKILL: no handler runs
+    process.communicate(timeout=60)
+    done_before = len(list((cache / "labels" / "items").glob("*.json")))
+    assert 1 <= done_before < 4
+    run = _distill(out, *args, data=folder, cache=cache)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"labelling {4 - done_before} of 4" in run.stderr  # what was done is kept
+    assert not list((cache / "labels" / "items").glob(".*.tmp"))
+
+
+def test_torchrun_two_processes_with_gloo(data_dir, tmp_path, shared_cache):
     out = tmp_path / "ddp"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
         "distill.py", "--teacher", "tiny.en", "--data", str(data_dir / "test-clean"), "--out", str(out),
-        "--decoder-layers", "1", "--batch-size", "1", "--workers", "0", "--max-steps", "2",
-        "--labels", "transcript", "--eval-every", "0", "--log-every", "1",
+        "--cache", str(shared_cache), "--decoder-layers", "1", "--batch-size", "1", "--workers", "0", "--max-steps", "2",
+        "--eval-every", "0", "--log-every", "1", "--windows", "1", "--margins", "8,16", "--exclude-speakers", "",
     ]
-    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     records = _log(out)

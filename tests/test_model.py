@@ -2,6 +2,9 @@
 import copy
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +19,7 @@ from model import MODEL_DIMS, MultiHeadAttention, Whisper, onednn_linear_availab
 from weights import CheckpointError, find_model_files, read_checkpoint
 
 MODELS = ["tiny.en", "base"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -305,3 +309,12 @@ def test_static_step_equals_ordinary_step(loaded, data_dir):
         steps.append(ours.decoder.step(tokens[:, i : i + 1], torch.tensor([cache.length]), cache))
         cache.length += 1
     assert (torch.cat(steps, dim=1) - expected).abs().max() <= 1e-3
+
+
+def test_the_model_imports_nothing_of_ours():
+    """model.py is the architecture alone: importing it loads no other module of the project."""
+    ours = sorted({p.stem for p in ROOT.glob("*.py")} | {"kernels", "benchmarks"})
+    code = f"import sys, model; print(sorted(set(sys.modules) & set({ours!r}) - {{'model'}}))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

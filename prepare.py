@@ -1,0 +1,240 @@
+"""Everything distillation computes once per run, before the first training step.
+
+    examples = plan_examples(...)                  # utterances, plus real 30 s windows of joined utterances
+    labels = label_examples(teacher, examples, ...)  # 1. the teacher's transcripts and its 30 s encoder output
+    targets = cache_targets(teacher, labels, ...)    # 2. its top-k logits on them, and the frozen encoder's
+                                                     #    output on the real length (a few margins)
+Each step fills an ArrayCache (cache.py): resumable after a kill, keyed on the teacher's weights and the
+settings, verified on read. Progress bars show an ETA. Nothing here trains.
+
+Why this split. A training step over a frozen encoder and a frozen teacher needs, per example, only
+(a) the features the student's decoder attends to and (b) the teacher's distribution over each target
+token. Both are fixed for the run, so they are computed here once instead of every epoch, and the step
+runs the student alone. The teacher's logits are kept as their top-k per token (float16 values, int32
+ids): the full rows would take ~100 KB per token.
+"""
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import soundfile
+import torch
+from tqdm import tqdm
+
+from audio import HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE, AudioError, load_audio
+from cache import ArrayCache, fingerprint_files, fingerprint_model
+from data import IGNORE_LABEL, Utterance, list_utterances, training_tokens, window_runs
+from decoding import DecodingOptions, FallbackRules, decode_with_fallback
+from evaluate import word_error_rate
+from model import AudioContext, Whisper
+from tokenizer import Tokenizer
+from transcribe import clip_mels, frames_of_samples
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example before labelling: one utterance, or consecutive utterances joined."""
+    id: str
+    audio: Tuple[Path, ...]  # files joined end to end, in order
+    reference: Optional[str]  # the transcripts joined, None when a file has none (pseudo-labels only)
+    timestamps: bool  # whether its target carries the teacher's timestamp tokens
+
+
+def timestamp_share_picks(example_id: str, share: float) -> bool:
+    """Whether an utterance gets a timestamped target: a fixed hash of its id, so every run (and seed)
+    asks the teacher for the same targets and shares one cache."""
+    bucket = int(hashlib.sha256(example_id.encode()).hexdigest()[:8], 16) / 16**8
+    return bucket < share
+
+
+def plan_examples(utterances: Sequence[Utterance], timestamp_share: float, windows: Optional[int]) -> List[Example]:
+    """Every utterance as an example, plus up to `windows` real 30 s windows: runs of consecutive utterances
+    of one chapter joined end to end (they teach long-form transcription: full windows and timestamps)."""
+    examples = [Example(u.id, (u.audio,), u.text, timestamp_share_picks(u.id, timestamp_share)) for u in utterances]
+    if windows == 0:
+        return examples
+    sized = []
+    for u in utterances:
+        try:
+            sized.append((u, soundfile.info(str(u.audio)).frames * SAMPLE_RATE // soundfile.info(str(u.audio)).samplerate))
+        except (RuntimeError, OSError):  # unreadable: labelling reports it; it joins no window
+            continue
+    for run in window_runs([(u.id, n) for u, n in sized], windows):
+        if len(run) < 2:
+            continue  # a single utterance is already an example
+        parts = [sized[i][0] for i in run]
+        reference = None if any(p.text is None for p in parts) else " ".join(p.text for p in parts)
+        examples.append(Example(f"{parts[0].id}+{len(parts)}", tuple(p.audio for p in parts), reference, True))
+    return examples
+
+
+def training_utterances(sources: Sequence, exclude_speakers: Sequence[str]) -> List[Utterance]:
+    found = []
+    for source in sources:
+        found += list_utterances(source, exclude_speakers=exclude_speakers or None)
+    return found
+
+
+def load_example_audio(example: Example) -> np.ndarray:
+    """The example's waveform (16 kHz mono float32); AudioError if unreadable or longer than 30 s."""
+    audio = np.concatenate([load_audio(path) for path in example.audio])
+    if len(audio) > N_SAMPLES:
+        raise AudioError(f"{len(audio) / SAMPLE_RATE:.1f} s is longer than Whisper's 30 s window")
+    return audio
+
+
+def item_name(example: Example) -> str:
+    """The cache's name for an example: its audio's content and its target's form."""
+    return f"{fingerprint_files(example.audio)}-{'ts' if example.timestamps else 'tx'}"
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Labels: the teacher's transcript of each example, and its encoder's 30 s output
+
+
+LABEL_OPTIONS = dict(language="en", task="transcribe")  # the teacher's decoding; greedy with fallback
+
+
+def labelling_key(teacher: Whisper) -> dict:
+    return dict(kind="labels", teacher=fingerprint_model(teacher), n_mels=teacher.dims.n_mels,
+                sample_rate=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP_LENGTH, decoding=LABEL_OPTIONS, version=1)
+
+
+@dataclass
+class Labelled:
+    example: Example
+    item: str
+    tokens: List[int]  # the teacher's target: text tokens, with timestamp tokens when example.timestamps
+    text: str
+
+
+@torch.no_grad()
+def label_examples(teacher: Whisper, examples: Sequence[Example], cache: ArrayCache, batch_size: int,
+                   log: Callable = print) -> Tuple[List[Labelled], Dict[str, int]]:
+    """Transcribe (with the teacher, 30 s windows) every example the cache lacks; return the labelled ones
+    and counts of what was skipped. Unreadable or over-long audio is recorded once, counted and reported."""
+    names = [item_name(e) for e in examples]
+    todo = [(e, n) for e, n in zip(examples, names) if not (cache.has(n) and cache.verify(n))]
+    if todo:
+        log(f"labelling {len(todo)} of {len(examples)} examples with the teacher (cache: {cache.folder})")
+    for timestamps in (False, True):
+        group = [(e, n) for e, n in todo if e.timestamps == timestamps]
+        options = DecodingOptions(without_timestamps=not timestamps, **LABEL_OPTIONS)
+        for start in tqdm(range(0, len(group), batch_size), desc=f"labels{' + timestamps' if timestamps else ''}",
+                          file=sys.stderr, disable=not group):
+            _label_batch(teacher, group[start : start + batch_size], options, cache, log)
+    return _collect_labels(examples, names, cache, log)
+
+
+def _label_batch(teacher, batch, options, cache, log):
+    clips, kept = [], []
+    for example, name in batch:
+        try:
+            clips.append(load_example_audio(example))
+            kept.append((example, name))
+        except (OSError, AudioError) as err:
+            log(f"warning: skipping {example.id} ({', '.join(map(str, example.audio[:2]))}): {err}")
+            cache.put(name, {}, dict(error=str(err)))
+    if not clips:
+        return
+    features = teacher.embed_audio(clip_mels(clips, teacher.dims.n_mels, teacher.device).to(teacher.dtype))
+    results = decode_with_fallback(teacher, None, options, FallbackRules(), audio_features=features)
+    for (example, name), row, result in zip(kept, features, results):
+        cache.put(name, dict(teacher_features=row.half().cpu().numpy()),
+                  dict(tokens=result.tokens, text=result.text, id=example.id))
+
+
+def _collect_labels(examples, names, cache, log):
+    labelled, counts = [], dict(examples=len(examples), unreadable=0, empty=0)
+    for example, name in zip(examples, names):
+        fields = cache.fields(name)
+        if fields is None or "error" in fields:
+            counts["unreadable"] += 1
+        elif not fields["text"].strip():
+            counts["empty"] += 1
+        else:
+            labelled.append(Labelled(example, name, fields["tokens"], fields["text"]))
+    return labelled, counts
+
+
+def filter_by_wer(labelled: List[Labelled], threshold: float) -> Tuple[List[Labelled], int]:
+    """Drop pseudo-labels whose WER against the reference is above threshold (the teacher got it wrong);
+    examples without a reference are kept as they are."""
+    kept = [x for x in labelled if x.example.reference is None
+            or word_error_rate([x.example.reference], [x.text])["wer"] <= threshold]
+    return kept, len(labelled) - len(kept)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Targets: the teacher's top-k logits on each label, and the frozen encoder's real-length output
+
+
+@dataclass(frozen=True)
+class TargetSettings:
+    top_k: int  # teacher logits kept per token
+    temperature: float  # the distillation temperature: the cache keeps each row's log-normaliser at it
+    margins: Tuple[int, ...]  # encoder positions past the audio: one cached variant each (the jitter)
+    frozen_encoder_layers: Optional[int]  # the student encoder's blocks whose output is cached (all: its
+    # output; None: nothing cached, the student's encoder runs from the log-Mel in training)
+
+
+def targets_key(teacher: Whisper, student: Whisper, settings: TargetSettings) -> dict:
+    return dict(kind="targets", teacher=fingerprint_model(teacher), student_encoder=fingerprint_model(student.encoder),
+                n_mels=teacher.dims.n_mels, sample_rate=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP_LENGTH,
+                top_k=settings.top_k, temperature=settings.temperature, margins=list(settings.margins),
+                frozen_encoder_layers=settings.frozen_encoder_layers, version=1)
+
+
+@torch.no_grad()
+def cache_targets(teacher: Whisper, student: Whisper, tokenizer: Tokenizer, labelled: Sequence[Labelled],
+                  labels: ArrayCache, cache: ArrayCache, settings: TargetSettings, log: Callable = print) -> List[str]:
+    """Fill `cache` for every labelled example it lacks; return the items that hold targets."""
+    todo = [x for x in labelled if not (cache.has(x.item) and cache.verify(x.item))]
+    if todo:
+        log(f"caching teacher logits and encoder features for {len(todo)} of {len(labelled)} examples "
+            f"(cache: {cache.folder})")
+    for x in tqdm(todo, desc="targets", file=sys.stderr, disable=not todo):
+        try:
+            audio = load_example_audio(x.example)
+        except (OSError, AudioError) as err:  # readable at labelling time, gone since
+            log(f"warning: skipping {x.example.id}: {err}")
+            continue
+        arrays = teacher_top_k(teacher, tokenizer, x, labels, settings.top_k, settings.temperature)
+        for margin in settings.margins if settings.frozen_encoder_layers is not None else ():
+            arrays[f"features_m{margin}"] = frozen_encoder_output(student, audio, margin,
+                                                                  settings.frozen_encoder_layers)
+        cache.put(x.item, arrays, dict(id=x.example.id))
+    return [x.item for x in labelled if cache.has(x.item)]
+
+
+def teacher_top_k(teacher: Whisper, tokenizer: Tokenizer, x: Labelled, labels: ArrayCache, k: int,
+                  temperature: float) -> dict:
+    """The teacher's k largest logits (and their token ids) at each labelled position of the target,
+    teacher-forced on its own 30 s encoder output: (n_labels, k) float16 and int32; and the log-normaliser
+    of each full row at 1 and at the temperature (n_labels,) float32, so the kept probabilities are exact."""
+    features = torch.from_numpy(np.asarray(labels.load(x.item)["teacher_features"])).to(teacher.device, teacher.dtype)
+    tokens, targets = training_tokens(tokenizer, x.tokens, x.example.timestamps)
+    logits = teacher.logits(torch.tensor([tokens], device=teacher.device), features[None])[0]  # (T, V)
+    logits = logits[torch.tensor(targets) != IGNORE_LABEL]  # (n_labels, V)
+    values, ids = logits.topk(k, dim=-1)
+    values = values.half()  # what training reads: the normalisers are computed from the same rounded values
+    logits = torch.cat([values.float(), logits.scatter(-1, ids, float("-inf"))], dim=-1)
+    return dict(top_values=values.cpu().numpy(), top_ids=ids.int().cpu().numpy(),
+                lse_1=logits.logsumexp(-1).cpu().numpy(), lse_t=(logits / temperature).logsumexp(-1).cpu().numpy())
+
+
+def frozen_encoder_output(student: Whisper, audio: np.ndarray, margin: int, frozen_layers: int) -> np.ndarray:
+    """What the student's frozen encoder blocks make of the audio's real length plus `margin` positions:
+    (positions, D) float16, the encoder's output when every block is frozen."""
+    encoder = student.encoder
+    positions = AudioContext("dynamic", margin).positions(frames_of_samples(len(audio)), student.dims.n_audio_ctx)
+    mel = clip_mels([audio], student.dims.n_mels, student.device)[:, :, : 2 * positions].to(student.dtype)
+    x = encoder.embed(mel)
+    for block in encoder.blocks[:frozen_layers]:
+        x = block(x)
+    if frozen_layers == len(encoder.blocks):
+        x = encoder.ln_post(x)
+    return x[0].half().cpu().numpy()
