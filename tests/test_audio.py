@@ -7,7 +7,7 @@ import soundfile
 import torch
 
 import audio
-from audio import AudioError, load_audio, pad_or_trim, resample
+from audio import SAMPLE_RATE, AudioError, load_audio, pad_or_trim, resample
 
 EDGE = 1600  # samples ignored at each end of a resampled tone: the filter sees zeros past the edges there
 
@@ -31,7 +31,7 @@ def test_constants():
 def test_librispeech_flac_loads_unchanged(data_dir):
     path = sorted((data_dir / "test-clean").rglob("*.flac"))[0]
     expected, sr = soundfile.read(str(path), dtype="float32")
-    assert sr == 16000
+    assert sr == SAMPLE_RATE
     got = load_audio(path)
     assert got.dtype == np.float32 and got.ndim == 1
     np.testing.assert_array_equal(got, expected)
@@ -43,8 +43,8 @@ def test_jfk_is_downmixed_and_resampled(data_dir):
     assert sr == 44100 and stereo.shape[1] == 2  # the file really needs both steps
     got = load_audio(path)
     assert got.dtype == np.float32 and got.ndim == 1
-    assert abs(len(got) - 11.0 * 16000) <= 1
-    expected = resample(stereo.mean(axis=1), 44100, 16000)  # mix first, then resample, in float64
+    assert abs(len(got) - 11.0 * SAMPLE_RATE) <= 1
+    expected = resample(stereo.mean(axis=1), 44100, SAMPLE_RATE)  # mix first, then resample, in float64
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
     assert 0.1 < np.abs(got).max() <= 1.0  # speech, not silence or clipping garbage
 
@@ -65,7 +65,7 @@ def test_8k_mono_file(tmp_path):
     soundfile.write(str(path), _tone(1000, 8000), 8000, subtype="FLOAT")
     got = load_audio(path)
     assert len(got) == 32000
-    expected = _tone(1000, 16000)
+    expected = _tone(1000, SAMPLE_RATE)
     assert _rms(got[EDGE:-EDGE] - expected[EDGE:-EDGE]) < 1e-4
 
 
@@ -76,14 +76,14 @@ def test_44k_stereo_file(tmp_path):
     got = load_audio(path)
     assert len(got) == 32000
     # the down-mix is the mean of the channels: a sum of two sines at 1 kHz, known exactly
-    expected = 0.5 * (0.8 * _tone(1000, 16000) + 0.4 * _tone(1000, 16000, phase=1.1))
+    expected = 0.5 * (0.8 * _tone(1000, SAMPLE_RATE) + 0.4 * _tone(1000, SAMPLE_RATE, phase=1.1))
     assert _rms(got[EDGE:-EDGE] - expected[EDGE:-EDGE]) < 1e-4
 
 
 @pytest.mark.parametrize("name", ["empty.wav", "empty.flac"])
 def test_empty_file(tmp_path, name):
     path = tmp_path / name
-    soundfile.write(str(path), np.zeros((0, 1)), 16000)
+    soundfile.write(str(path), np.zeros((0, 1)), SAMPLE_RATE)
     with pytest.raises(AudioError, match=name):
         load_audio(path)
 
@@ -123,64 +123,64 @@ def test_missing_file_and_folder(tmp_path):
 
 @pytest.mark.parametrize("orig_sr", [44100, 8000, 48000, 22050])
 def test_resampled_sine_matches_analytic(orig_sr):
-    got = resample(_tone(1000, orig_sr), orig_sr, 16000)
+    got = resample(_tone(1000, orig_sr), orig_sr, SAMPLE_RATE)
     assert len(got) == 32000 and got.dtype == np.float64  # float64 in, float64 out
-    expected = _tone(1000, 16000)
+    expected = _tone(1000, SAMPLE_RATE)
     assert _rms(got[EDGE:-EDGE] - expected[EDGE:-EDGE]) < 1e-4
 
 
 def test_downsampling_sine_matches_analytic():
-    got = resample(_tone(1000, 16000).astype(np.float32), 16000, 8000)
-    assert got.dtype == np.float32 and len(got) == 16000
+    got = resample(_tone(1000, SAMPLE_RATE).astype(np.float32), SAMPLE_RATE, 8000)
+    assert got.dtype == np.float32 and len(got) == 2 * 8000  # 2 s at 8 kHz
     expected = _tone(1000, 8000)
     assert _rms(got[EDGE:-EDGE] - expected[EDGE:-EDGE]) < 1e-4
 
 
 @pytest.mark.parametrize("freq", [9000, 10000, 15000, 20000])
 def test_tones_above_nyquist_are_removed(freq):
-    got = resample(_tone(freq, 44100), 44100, 16000)
+    got = resample(_tone(freq, 44100), 44100, SAMPLE_RATE)
     energy = float(np.mean(got[EDGE:-EDGE] ** 2))  # the input tone's energy is 0.5
     assert energy < 1e-7, f"{freq} Hz leaked through with energy {energy:.2e}"
 
 
 def test_passband_tone_keeps_its_energy():
-    got = resample(_tone(6000, 44100), 44100, 16000)
+    got = resample(_tone(6000, 44100), 44100, SAMPLE_RATE)
     assert abs(np.mean(got[EDGE:-EDGE] ** 2) - 0.5) < 0.01
 
 
 def test_coprime_rates():
     # 44101 and 16000 share no factor: 16000 phases, which must not blow up the kernel's size
-    got = resample(_tone(1000, 44101), 44101, 16000)
-    assert len(got) == int(np.ceil(88202 * 16000 / 44101))
-    expected = _tone(1000, 16000, seconds=len(got) / 16000)
+    got = resample(_tone(1000, 44101), 44101, SAMPLE_RATE)
+    assert len(got) == int(np.ceil(88202 * SAMPLE_RATE / 44101))
+    expected = _tone(1000, SAMPLE_RATE, seconds=len(got) / SAMPLE_RATE)
     assert _rms(got[EDGE:-EDGE] - expected[EDGE:-EDGE]) < 1e-4
 
 
 def test_resample_batch_and_identity():
     rng = np.random.default_rng(0)
     batch = rng.standard_normal((2, 3, 4410)).astype(np.float32)
-    got = resample(batch, 44100, 16000)
+    got = resample(batch, 44100, SAMPLE_RATE)
     assert got.shape == (2, 3, 1600)
-    np.testing.assert_allclose(got[1, 2], resample(batch[1, 2], 44100, 16000), rtol=0, atol=1e-6)
-    same = resample(batch, 16000, 16000)
+    np.testing.assert_allclose(got[1, 2], resample(batch[1, 2], 44100, SAMPLE_RATE), rtol=0, atol=1e-6)
+    same = resample(batch, SAMPLE_RATE, SAMPLE_RATE)
     np.testing.assert_array_equal(same, batch)
     assert same is not batch
 
 
 def test_resample_bad_rates():
     x = np.random.default_rng(1).standard_normal(1000)
-    for orig_sr, new_sr in [(0, 16000), (-8000, 16000), (8000, 16000.0), (8000, None)]:
+    for orig_sr, new_sr in [(0, SAMPLE_RATE), (-8000, SAMPLE_RATE), (8000, float(SAMPLE_RATE)), (8000, None)]:
         with pytest.raises(ValueError, match="sr"):
             resample(x, orig_sr, new_sr)
 
 
 def test_five_minutes_resample_quickly():
     x = np.random.default_rng(2).standard_normal(44100 * 300).astype(np.float32)
-    resample(x[:44100], 44100, 16000)  # build the filter once
+    resample(x[:44100], 44100, SAMPLE_RATE)  # build the filter once
     start = time.perf_counter()
-    got = resample(x, 44100, 16000)
+    got = resample(x, 44100, SAMPLE_RATE)
     elapsed = time.perf_counter() - start
-    assert len(got) == 16000 * 300
+    assert len(got) == SAMPLE_RATE * 300
     assert elapsed < 3.0, f"5 minutes of 44.1 kHz audio took {elapsed:.2f} s to resample"
 
 

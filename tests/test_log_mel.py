@@ -1,5 +1,6 @@
 """The log-Mel reference against openai-whisper, the batch semantics we add to it (lengths, per-row max), and
-the Triton kernel against the float64 reference (on CPU through Triton's interpreter, switched on in conftest)."""
+the Triton kernel against the float64 reference (on CPU through Triton's interpreter, switched on in conftest;
+skipped where Triton is not installed)."""
 from pathlib import Path
 
 import numpy as np
@@ -9,12 +10,13 @@ import torch
 import whisper.audio
 
 import kernels.log_mel
-from kernels.log_mel import (HOP_LENGTH, log_mel_spectrogram, log_mel_spectrogram_reference,
-                             log_mel_spectrogram_triton, mel_filters)
+from kernels.log_mel import (HOP_LENGTH, SAMPLE_RATE, TRITON_AVAILABLE, log_mel_spectrogram,
+                             log_mel_spectrogram_reference, log_mel_spectrogram_triton, mel_filters)
 
 # The interpreter's tl.dot is exact float32, so the kernel should be float32-accurate here (~1e-5 seen);
 # the looser MAX_ABS_ERROR = 2e-3 is the contract on the GPU, where tl.dot rounds through tf32.
 INTERPRETER_ATOL = 1e-4
+requires_triton = pytest.mark.skipif(not TRITON_AVAILABLE, reason="Triton is not installed")
 
 with np.load(Path(whisper.audio.__file__).parent / "assets" / "mel_filters.npz") as npz:
     WHISPER_FILTERS = dict(npz)  # mel_80 (80, 201), mel_128 (128, 201): librosa's float32 filterbanks
@@ -52,7 +54,7 @@ def test_float64_reference_agrees_with_float32(speech):
     torch.testing.assert_close(log_mel_spectrogram_reference(audio).double(), high, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("samples", [12345, 16000, 401])
+@pytest.mark.parametrize("samples", [12345, SAMPLE_RATE, 401])
 def test_noise_matches_whisper(samples):
     torch.manual_seed(samples)
     audio = 0.1 * torch.randn(samples)
@@ -64,7 +66,7 @@ def test_noise_matches_whisper(samples):
 def _ragged_batch(seed=0):
     """Three noise utterances of different lengths and loudness in one buffer, garbage after each end."""
     torch.manual_seed(seed)
-    lengths = torch.tensor([16000, 9001, 4321])
+    lengths = torch.tensor([SAMPLE_RATE, 9001, 4321])
     gains = [1.0, 1e-3, 0.05]  # a loud row next to quiet ones: a batch-wide max would flatten them
     rows = [gain * torch.randn(int(n)) for gain, n in zip(gains, lengths)]
     buffer = 5.0 * torch.randn(len(rows), int(lengths.max()))  # garbage everywhere ...
@@ -159,8 +161,9 @@ def _noise_with_garbage(batch, samples, lengths, seed):
     return audio
 
 
+@requires_triton
 @pytest.mark.parametrize("batch, samples, n_mels, lengths", [
-    (1, 16000, 80, None),  # 100 frames: a partial last tile; samples % 160 = 0, so the end reflects
+    (1, SAMPLE_RATE, 80, None),  # 100 frames: a partial last tile; samples % 160 = 0, so the end reflects
     (2, 12345, 128, None),  # odd length
     (3, 20001, 80, [20001, 9001, 4321]),  # one full row, two ending early: their reflections see zeros
     (3, 8039, 128, [150, 0, 8039]),  # shorter than the 200-sample reflection, and an empty row
@@ -175,6 +178,7 @@ def test_triton_matches_float64_reference(batch, samples, n_mels, lengths):
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=INTERPRETER_ATOL)
 
 
+@requires_triton
 @pytest.mark.parametrize("tiles", [
     {"BLOCK_T": 16, "F_CHUNK": 256, "K_CHUNK": 64},  # the whole spectrum in one chunk
     {"BLOCK_T": 32, "F_CHUNK": 64, "K_CHUNK": 16},  # four frequency chunks, thirteen offset chunks
@@ -187,6 +191,7 @@ def test_triton_tile_sizes_agree(tiles):
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=INTERPRETER_ATOL)
 
 
+@requires_triton
 def test_triton_on_speech(speech):
     """The first 2 s of two test-clean utterances in one padded buffer, the second cut to 1.3 s."""
     lengths = [32000, 20800]
@@ -197,6 +202,7 @@ def test_triton_on_speech(speech):
     assert (expected.amax(dim=(1, 2)) - expected.amin(dim=(1, 2))).min() > 1.0  # speech, not silence
 
 
+@requires_triton
 def test_triton_single_utterance_and_dtypes():
     torch.manual_seed(8)
     audio = 0.3 * torch.randn(3210, dtype=torch.float64)
@@ -211,6 +217,7 @@ def test_triton_single_utterance_and_dtypes():
                                rtol=0, atol=INTERPRETER_ATOL)
 
 
+@requires_triton
 def test_triton_bad_inputs_raise():
     torch.manual_seed(9)
     audio = torch.randn(2, 4000)
