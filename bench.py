@@ -1,26 +1,30 @@
 """FastWhisper benchmarks: one entry point, one mode per question.
 
-    python bench.py [models]    # teacher vs students: latency, throughput, the split, memory     (bench_models.py)
-    python bench.py --quick     # the same, CI-sized: tiny.en, 3 utterances, batch 1 and 2, greedy
-    python bench.py kernels     # hot-path kernels: eager reference vs torch.compile vs Triton    (bench_kernels.py)
-    python bench.py peers       # the utterances through openai-whisper, transformers, faster-whisper (bench_peers.py)
+    python bench.py [models]     # teacher vs students: latency, throughput, the split, memory, and where
+                                 # the time goes vs audio length under a fixed vs a dynamic audio context
+    python bench.py --quick      # the same, CI-sized (each mode's --help lists what --quick sets)
+    python bench.py kernels      # hot-path kernels: eager reference vs torch.compile vs Triton
+    python bench.py kernels --sweep-tiles  # CUDA: the Triton log-Mel kernel under each candidate tiling
+    python bench.py peers        # the same utterances through openai-whisper, transformers, faster-whisper
 
-Every mode prints a table and writes a JSON report (bench.json, bench-kernels.json, bench-peers.json); models
-and peers also draw a PNG when matplotlib is installed. Timing rules everywhere: warm-up first, the GPU
-synchronised (or CUDA events), medians of repeats, fixed inputs. Numbers are only what this run measured.
-`python bench.py MODE --help` lists each mode's flags.
+Each mode lives in benchmarks/ (models.py, kernel_timing.py, peers.py; common.py holds what they share).
+
+Every mode prints a table and writes a JSON report; models and peers also draw a PNG when matplotlib is
+installed. Timing rules everywhere: warm-up first, the GPU synchronised (or CUDA events), medians of repeats,
+fixed inputs. Numbers are only what this run measured. `python bench.py MODE --help` lists each mode's flags
+and their defaults, which each mode keeps in one DEFAULTS and one QUICK table.
 """
 import argparse
 import sys
 
 import torch
 
-import bench_kernels
-import bench_models
-import bench_peers
-from load import DTYPES
+from benchmarks import kernel_timing, models, peers
+from benchmarks.common import DEFAULT_DATA, ByDevice, default_help, quick_help, spell
+from data import DATA_ENV, DEV_SPEAKERS
+from load import DTYPES, default_dtype
 
-MODES = ("models", "kernels", "peers")
+MODES = {"models": models, "kernels": kernel_timing, "peers": peers}
 
 
 def positive_int(text):
@@ -30,47 +34,94 @@ def positive_int(text):
     return value
 
 
-def add_models_flags(models):
-    models.add_argument("--quick", action="store_true", help="CI-sized: " + ", ".join(
-        f"{k}={v}" for k, v in bench_models.QUICK.items()))
-    models.add_argument("--teacher", help="model name or checkpoint (default: base; quick: tiny.en)")
-    models.add_argument("--student", help="a trained student checkpoint: decoded for real, beside the teacher")
-    models.add_argument("--students", nargs="+", metavar="ENC,DEC",
-                        help="untrained students from make_student, as encoder,decoder layers, decoded for the "
-                             "teacher's number of steps "
-                             "(default: 6,2 6,1 4,2 3,2 for base; quick: the first)")
-    models.add_argument("--decoders", nargs="+", choices=list(bench_models.DECODERS), help="default: both")
-    models.add_argument("--windows", type=int, help="30 s windows of joined utterances, timed at batch 1 (default 4)")
-    models.add_argument("--repeats", type=positive_int, help="timed calls per split measurement (default 3)")
-    models.add_argument("--warmup", type=int, default=1, help="untimed calls before each split measurement "
-                                                              "(at least 1: the first measures peak memory)")
-    models.add_argument("--json", default="bench.json", help="where the report goes")
-    models.add_argument("--plot", default="bench.png", help="where the plot goes (needs matplotlib)")
-    models.set_defaults(run=bench_models.run)
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 0, got {text}")
+    return value
 
 
-def add_peers_flags(peers):
-    peers.add_argument("--quick", action="store_true", help="CI-sized: " + ", ".join(
-        f"{k}={v}" for k, v in bench_peers.QUICK.items()))
-    peers.add_argument("--model", help="model name or checkpoint, the same weights for every engine "
-                                       "(default: base; quick: tiny.en)")
-    peers.add_argument("--peers", nargs="+", choices=list(bench_peers.PEERS), help="default: all of them")
-    peers.add_argument("--json", default="bench-peers.json", help="where the report goes")
-    peers.add_argument("--plot", default="bench-peers.png", help="where the plot goes (needs matplotlib)")
-    peers.set_defaults(run=bench_peers.run)
+def dtype_help():
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    return f"default: {spell(ByDevice(names[default_dtype('cuda')], names[default_dtype('cpu')]))}"
 
 
-def add_audio_flags(parser):
+def add_audio_flags(parser, mode):
     """Flags of the modes that transcribe speech: which audio, which batch sizes, how often."""
-    parser.add_argument("--data", nargs="+", help="LibriSpeech-layout folder(s) or manifest(s) "
-                                                  "(default: $FASTWHISPER_DATA/train-clean-5, speakers 669 and 3242)")
+    def helped(text, name):
+        return default_help(text, name, mode.DEFAULTS, mode.QUICK)
+
+    parser.add_argument("--quick", action="store_true", help=quick_help(mode.QUICK))
+    parser.add_argument("--data", nargs="+", help=f"LibriSpeech-layout folder(s) or manifest(s) (default: "
+                                                  f"${DATA_ENV}/{DEFAULT_DATA}, speakers {' and '.join(DEV_SPEAKERS)})")
     parser.add_argument("--speakers", help="comma-separated speaker ids to keep")
-    parser.add_argument("--utterances", type=positive_int, help="how many utterances, evenly spaced (default 30)")
-    parser.add_argument("--batch-sizes", type=positive_int, nargs="+",
-                        help="default: 1 8 16 32 on CUDA, 1 8 on CPU (models); 1 16 on CUDA, 1 on CPU (peers)")
-    parser.add_argument("--passes", type=positive_int, help="timed passes over the audio; the median per batch "
-                                                            "(default: 3 on CUDA, 1 on CPU)")
-    parser.add_argument("--dtype", choices=list(DTYPES), help="default: float16 on CUDA, float32 on CPU")
+    parser.add_argument("--utterances", type=positive_int, help=helped("how many utterances, evenly spaced",
+                                                                       "utterances"))
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", help=helped("", "batch_sizes"))
+    parser.add_argument("--passes", type=positive_int, help=helped("timed passes over the audio; the median per "
+                                                                   "batch", "passes"))
+    parser.add_argument("--dtype", choices=list(DTYPES), help=dtype_help())
+    parser.add_argument("--json", help=helped("where the report goes", "json"))
+    parser.add_argument("--plot", help=helped("where the plot goes (needs matplotlib)", "plot"))
+
+
+def add_models_flags(parser):
+    def helped(text, name):
+        return default_help(text, name, models.DEFAULTS, models.QUICK)
+
+    parser.add_argument("--teacher", help=helped("model name or checkpoint", "teacher"))
+    parser.add_argument("--student", nargs="+", metavar="PATH",
+                        help="trained student checkpoints: each decoded for real, beside the teacher")
+    parser.add_argument("--students", nargs="+", metavar="ENC,DEC",
+                        help="untrained students from make_student, as encoder,decoder layers, decoded for the "
+                             f"teacher's number of steps ({models.students_help()})")
+    parser.add_argument("--decoders", nargs="+", choices=list(models.DECODERS), help=helped("", "decoders"))
+    parser.add_argument("--windows", type=non_negative_int, help=helped("30 s windows of joined utterances, timed "
+                                                                        "at batch 1", "windows"))
+    parser.add_argument("--repeats", type=positive_int, help=helped("timed calls per split measurement", "repeats"))
+    parser.add_argument("--warmup", type=non_negative_int, help=helped(
+        "untimed calls before each split measurement (at least 1 runs: the first measures peak memory)", "warmup"))
+    # transcribe.add_model_arguments defines these two for the CLIs of one --model, beside --device and --dtype
+    # (which this parser has already), so they cannot be taken from there: the same flags, defined here once
+    parser.add_argument("--audio-ctx", choices=("fixed", "dynamic"),
+                        help="override every model's audio context: 30 s windows, or the real length plus a margin "
+                             "(default: each model's own; official models: fixed)")
+    parser.add_argument("--audio-margin", type=non_negative_int,
+                        help="encoder positions (20 ms) past the audio under a dynamic context, for every dynamic "
+                             "model (default: the model's own) and for the sweep's dynamic column of a fixed one "
+                             f"(default: {models.SWEEP_MARGIN})")
+    parser.add_argument("--sweep-seconds", type=positive_int, nargs="+", help=helped(
+        "clip lengths of the audio context sweep (fixed vs dynamic context at batch 1), at most 30", "sweep_seconds"))
+    parser.add_argument("--sweep-repeats", type=positive_int, help=helped(
+        "timed calls per sweep measurement; default: --repeats", "sweep_repeats"))
+    parser.add_argument("--no-context-sweep", action="store_true", help="skip the audio context sweep")
+
+
+def add_peers_flags(parser):
+    parser.add_argument("--model", help=default_help("model name or checkpoint, the same weights for every engine",
+                                                     "model", peers.DEFAULTS, peers.QUICK))
+    parser.add_argument("--peers", nargs="+", choices=list(peers.PEERS),
+                        help=default_help("", "peers", peers.DEFAULTS, peers.QUICK))
+
+
+def add_kernels_flags(parser):
+    def helped(text, name):
+        return default_help(text, name, kernel_timing.DEFAULTS, kernel_timing.QUICK)
+
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true", help=quick_help(kernel_timing.QUICK))
+    sizes.add_argument("--full", dest="sizes", action="store_const", const="full",
+                       help=f"the full sizes, even on CPU (default: {spell(kernel_timing.DEFAULTS['sizes'])})")
+    parser.add_argument("--kl-dtypes", nargs="+", choices=list(DTYPES), help=helped("logits dtypes of the KL rows",
+                                                                                    "kl_dtypes"))
+    parser.add_argument("--repeats", type=positive_int, help=helped("timed calls; the median is reported", "repeats"))
+    parser.add_argument("--warmup", type=non_negative_int, help=helped("untimed calls after the first (checked) "
+                                                                       "call", "warmup"))
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (compiling is slow)")
+    parser.add_argument("--sweep-tiles", action="store_true",
+                        help="CUDA only: time the Triton log-Mel kernel under each of kernels.log_mel.TILE_CANDIDATES "
+                             f"at B={kernel_timing.SWEEP_BATCH} x 30 s instead of the usual rows")
+    parser.add_argument("--json", help=helped("where the results go", "json"))
 
 
 def build_parser():
@@ -81,36 +132,26 @@ def build_parser():
     common.add_argument("--threads", type=positive_int, help="torch CPU threads (torch.set_num_threads)")
     modes = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
 
-    models = modes.add_parser("models", parents=[common], help="teacher vs students: latency, split, memory")
-    add_audio_flags(models)
-    add_models_flags(models)
-
-    kernels = modes.add_parser("kernels", parents=[common], help="eager vs torch.compile vs Triton per kernel")
-    sizes = kernels.add_mutually_exclusive_group()
-    sizes.add_argument("--quick", action="store_true", help="small sizes (default on CPU)")
-    sizes.add_argument("--full", action="store_true", help="the issue's sizes even on CPU (default on CUDA)")
-    kernels.add_argument("--repeats", type=positive_int, default=10, help="timed calls; the median is reported")
-    kernels.add_argument("--warmup", type=int, default=2, help="untimed calls after the first (checked) call")
-    kernels.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (compiling is slow)")
-    kernels.add_argument("--json", default="bench-kernels.json", help="where the results go")
-    kernels.set_defaults(run=bench_kernels.run)
-
-    peers = modes.add_parser("peers", parents=[common], help="ours vs openai-whisper, transformers, faster-whisper")
-    add_audio_flags(peers)
-    add_peers_flags(peers)
+    models_parser = modes.add_parser("models", parents=[common], help="teacher vs students: latency, split, memory")
+    add_audio_flags(models_parser, models)
+    add_models_flags(models_parser)
+    kernels_parser = modes.add_parser("kernels", parents=[common], help="eager vs torch.compile vs Triton per kernel")
+    add_kernels_flags(kernels_parser)
+    peers_parser = modes.add_parser("peers", parents=[common], help="ours vs openai-whisper, transformers, "
+                                                                    "faster-whisper")
+    add_audio_flags(peers_parser, peers)
+    add_peers_flags(peers_parser)
     return parser
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in MODES + ("-h", "--help"):
+    if not argv or argv[0] not in tuple(MODES) + ("-h", "--help"):
         argv.insert(0, "models")  # `python bench.py [flags]` is the models mode
     args = build_parser().parse_args(argv)
-    if getattr(args, "warmup", 0) < 0:
-        raise SystemExit("--warmup must be at least 0")
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.run(args)
+    MODES[args.mode].run(args)
 
 
 if __name__ == "__main__":

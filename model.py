@@ -343,21 +343,28 @@ class AudioEncoder(nn.Module):
     def forward(self, mel: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
         """mel (B, n_mels, 2 S) with S <= n_ctx -> audio features (B, S, n_state). lengths (B,): each row's
         positions holding audio (frames 2 * lengths); None: all S."""
+        mask = padding_mask(lengths, mel.shape[-1] // 2)  # (B, S) or None
+        return self.run_blocks(self.embed(mel, mask), mask)
+
+    def embed(self, mel: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """The convolutional stem and positions: mel (B, n_mels, 2 S) -> (B, S, n_state), before any block."""
         n_ctx = self.positional_embedding.shape[0]
         n_frames = mel.shape[-1]
         if mel.ndim != 3 or mel.shape[1] != self.conv1.in_channels or n_frames % 2 or not 2 <= n_frames <= 2 * n_ctx:
             raise ValueError(f"encoder expects mel (B, {self.conv1.in_channels}, an even number of frames from 2 "
                              f"to {2 * n_ctx}), got {tuple(mel.shape)}")
-        n_positions = n_frames // 2
-        mask = padding_mask(lengths, n_positions)  # (B, S) or None
         if mask is not None:
             # Frames past a row's end become the zeros its convolution would pad with if it ran alone.
             mel = mel * mask.repeat_interleave(2, dim=1)[:, None, :].to(mel.dtype)
         x = F.gelu(self.conv1(mel))
         x = F.gelu(self.conv2(x))  # stride 2: two frames per position
-        x = (x.permute(0, 2, 1) + self.positional_embedding[:n_positions]).to(x.dtype)  # (B, S, n_state)
+        return (x.permute(0, 2, 1) + self.positional_embedding[: n_frames // 2]).to(x.dtype)  # (B, S, n_state)
+
+    def run_blocks(self, x: Tensor, mask: Optional[Tensor] = None, first: int = 0) -> Tensor:
+        """Blocks first.. and the final norm: (B, S, n_state) -> audio features. Distillation starts at a
+        later block when the ones before are frozen and their output cached."""
         key_mask = None if mask is None else mask[:, None, None, :]
-        for block in self.blocks:
+        for block in self.blocks[first:]:
             x = block(x, audio_mask=key_mask)
         return self.ln_post(x)
 

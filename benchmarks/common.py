@@ -1,7 +1,9 @@
-"""What every benchmark mode shares: clocks, memory peaks, the report header, tables of audio runs, the plot.
+"""What every benchmark mode shares: clocks, memory peaks, the defaults, the report header, tables, the
+audio every model hears, runs over it, and the plot.
 
 Timing rules, the same in every mode: warm up first, synchronise the GPU before reading a clock (or time on
-the GPU with CUDA events), take the median of repeats, and feed fixed inputs. Only bench_*.py import this.
+the GPU with CUDA events), take the median of repeats, and feed fixed inputs. Only bench.py and benchmarks/
+import this.
 """
 import ctypes
 import ctypes.util
@@ -14,16 +16,17 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from audio import SAMPLE_RATE, load_audio
-from data import DEV_SPEAKERS, data_root, list_utterances
+from audio import N_SAMPLES, SAMPLE_RATE, load_audio
+from data import DEV_SPEAKERS, data_root, joined_windows, list_utterances
+from load import default_device
 
 MIB = 2**20
-WINDOW_SECONDS = 30.0  # Whisper's window: transcribe_clips takes clips up to this long
+DEFAULT_DATA = "train-clean-5"  # under data_root(): with DEV_SPEAKERS, the audio every mode hears by default
 
 
 # ----------------------------------------------------------------------------- clocks
@@ -119,21 +122,68 @@ def peak_extra_mib(call, device, before_each=lambda: None):
     return (peak - held) / MIB
 
 
-# ----------------------------------------------------------------------------- the report
+# ----------------------------------------------------------------------------- defaults
+
+@dataclass(frozen=True)
+class ByDevice:
+    """A default that differs between a GPU run and a CPU run."""
+    cuda: Any
+    cpu: Any
+
+    def on(self, device):
+        return self.cuda if device.type == "cuda" else self.cpu
+
+
+def spell(value) -> str:
+    """A default as a user would type it: lists space-separated, ByDevice as both of its values."""
+    if isinstance(value, ByDevice):
+        return f"{spell(value.cuda)} on CUDA, {spell(value.cpu)} on CPU"
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def default_help(text: str, name: str, defaults: dict, quick: dict) -> str:
+    """A flag's help: the text, then its default and its --quick value from the mode's tables."""
+    said = [f"default: {spell(defaults[name])}"] if defaults.get(name) is not None else []
+    said = "; ".join(said + ([f"quick: {spell(quick[name])}"] if name in quick else []))
+    if not said:
+        return text
+    return f"{text} ({said})" if text else said
+
+
+def quick_help(quick: dict) -> str:
+    return "CI-sized: " + ", ".join(f"{name}={spell(value)}" for name, value in quick.items())
+
+
+def settle_defaults(args, device, defaults: dict, quick: dict):
+    """Every flag left unset (None) takes its --quick value under --quick, else the mode's default; a ByDevice
+    default takes this device's value. The flags' help reads the same two tables (default_help)."""
+    for name, value in defaults.items():
+        if getattr(args, name, None) is None:
+            value = quick.get(name, value) if args.quick else value
+            setattr(args, name, value.on(device) if isinstance(value, ByDevice) else value)
+
 
 def pick_device(name):
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return torch.device(name) if name else default_device()
+
+
+# ----------------------------------------------------------------------------- the report
+
+def cpu_model() -> str:
+    """The CPU's model name: /proc/cpuinfo's on Linux, else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def load_average():
@@ -145,8 +195,17 @@ def report_header(mode, device):
     """The fields every mode's JSON starts with: what ran, where and when."""
     return {"mode": mode, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "device": device.type, "device_name": device_name(device), "torch_version": torch.__version__,
-            "python_version": platform.python_version(), "cpu_threads": torch.get_num_threads(),
+            "python_version": platform.python_version(), "cpu_model": cpu_model(),
+            # the widest vector unit torch's CPU kernels use ("AVX2", "AVX512", ...): CPU times hang on it
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "load_average_start": load_average()}
+
+
+def machine(report) -> str:
+    """The report header in a line, for a table's title: on what the numbers were measured."""
+    cpu = f"CPU {report['cpu_model']} ({report['cpu_capability']}), {report['cpu_threads']} threads"
+    gpu = f"{report['device_name']}; " if report["device"] == "cuda" else ""
+    return f"{gpu}{cpu}; torch {report['torch_version']}"
 
 
 def write_json(report, path):
@@ -169,10 +228,37 @@ def number(value, spec):
     return "-" if value is None else format(value, spec)
 
 
-def print_heading(header: str, title: str = ""):
-    """A table's title line (if any), its column header and a rule under it."""
+@dataclass(frozen=True)
+class Column:
+    header: str
+    value: Callable[[dict], Any]  # the cell's value from the row; None prints as "-"
+    spec: Union[str, Callable[[Any], str]] = ""  # a format spec or a function to text; "": text
+
+
+def column(header, key, spec=""):
+    """A column showing row[key]."""
+    return Column(header, lambda row: row[key], spec)
+
+
+def print_table(columns: Sequence[Column], rows: List[dict], title: str = "", lead: int = 0,
+                why_not: Callable[[dict], Optional[str]] = lambda row: None):
+    """The rows under a heading, each column as wide as its widest cell: text to the left, numbers to the
+    right. A row for which why_not gives a text shows its first `lead` cells and then that text."""
+    def cell(col, row):
+        value = col.value(row)
+        return "-" if value is None else col.spec(value) if callable(col.spec) else format(value, col.spec)
+
+    def aligned(texts):  # text to the left, numbers (they have a format spec) to the right
+        return [t.ljust(w) if col.spec == "" else t.rjust(w) for t, w, col in zip(texts, widths, columns)]
+
+    cells = [[cell(col, row) for col in columns] for row in rows]
+    widths = [max([len(col.header)] + [len(line[i]) for line in cells]) for i, col in enumerate(columns)]
+    header = " ".join(aligned([col.header for col in columns])).rstrip()
     print(f"\n{title}\n{header}" if title else f"\n{header}")
     print("-" * len(header))
+    for row, line in zip(rows, cells):
+        reason = why_not(row)
+        print(" ".join(aligned(line)[:lead] + [reason]) if reason else " ".join(aligned(line)).rstrip())
 
 
 # ----------------------------------------------------------------------------- the audio every model hears
@@ -189,33 +275,31 @@ class Clip:
 
 
 def load_clips(data: Optional[List[str]], speakers: Optional[str], n_utterances: int, n_windows: int):
-    """(utterances, windows): the fixed audio every model is timed on, and a description of it."""
-    if data is None:  # the default: the dev speakers of train-clean-5
-        data, speakers = [data_root() / "train-clean-5"], speakers or ",".join(DEV_SPEAKERS)
+    """(utterances, windows, a description of the utterances): the fixed audio every model is timed on.
+    Default: the dev speakers of DEFAULT_DATA."""
+    if data is None:
+        data, speakers = [data_root() / DEFAULT_DATA], speakers or ",".join(DEV_SPEAKERS)
     keep = speakers.split(",") if speakers else None
     found = [u for source in data for u in list_utterances(source, keep)]
     clips = [Clip(u.id, load_audio(u.audio), u.text) for u in found if u.text]
-    clips = [clip for clip in clips if clip.seconds <= WINDOW_SECONDS]  # transcribe_clips takes <= 30 s
+    clips = [clip for clip in clips if len(clip.audio) <= N_SAMPLES]  # transcribe_clips takes <= 30 s
     picked = np.unique(np.linspace(0, len(clips) - 1, min(n_utterances, len(clips))).round().astype(int))
     description = (f"{len(picked)} of the {len(clips)} utterances of {', '.join(map(str, data))}"
                    f"{f' (speakers {speakers})' if speakers else ''}, evenly spaced in id order")
-    return [clips[i] for i in picked], joined_windows(clips, n_windows), description
+    windows = joined_windows([(c.id, c.audio, c.text) for c in clips], n_windows)
+    # a window is named by its first utterance and the last one's number: 1-10-0001..0003
+    windows = [Clip(f"{w.ids[0]}..{w.ids[-1].rsplit('-', 1)[1]}", w.audio, w.text) for w in windows]
+    return [clips[i] for i in picked], windows, description
 
 
-def joined_windows(clips: List[Clip], n: int) -> List[Clip]:
-    """The n longest runs of consecutive utterances of one chapter that fit in 30 s, joined end to end."""
-    groups, current = [], []
-    for clip in clips:
-        same_chapter = current and current[-1].id.rsplit("-", 1)[0] == clip.id.rsplit("-", 1)[0]
-        if same_chapter and sum(c.seconds for c in current) + clip.seconds <= WINDOW_SECONDS:
-            current.append(clip)
-        else:
-            groups += [current] if current else []
-            current = [clip]
-    groups += [current] if current else []
-    longest = sorted(groups, key=lambda group: -sum(c.seconds for c in group))[:n]
-    return [Clip(f"{g[0].id}..{g[-1].id.rsplit('-', 1)[1]}", np.concatenate([c.audio for c in g]),
-                 " ".join(c.text for c in g)) for g in sorted(longest, key=lambda group: group[0].id)]
+def speech_cuts(clips: List[Clip], seconds: Sequence[int]) -> List[Clip]:
+    """Real speech of exact lengths: for each N, the first N seconds of the clips played end to end in the
+    order given (cycled when they are shorter), so every cut is a prefix of the longest. Cut anywhere, even
+    mid-word, so they have no reference text: for timing only."""
+    longest = max(seconds) * SAMPLE_RATE
+    audio = np.concatenate([c.audio for c in clips])
+    audio = np.tile(audio, math.ceil(longest / len(audio)))
+    return [Clip(f"{n} s from {clips[0].id}", audio[: n * SAMPLE_RATE], "") for n in seconds]
 
 
 # ----------------------------------------------------------------------------- runs over audio

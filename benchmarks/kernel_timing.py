@@ -1,11 +1,13 @@
 """`python bench.py kernels`: each hot-path kernel as eager reference vs torch.compile vs Triton.
 
-    python bench.py kernels               # the issue's sizes on CUDA; the quick sizes on CPU
-    python bench.py kernels --quick       # small sizes
-    python bench.py kernels --device cpu --no-compile --repeats 3 --json out.json
+    python bench.py kernels                  # the full sizes on CUDA; the quick sizes on CPU
+    python bench.py kernels --quick          # small sizes
+    python bench.py kernels --device cpu --kl-dtypes float32 --no-compile --repeats 3 --json out.json
+    python bench.py kernels --sweep-tiles    # CUDA: the Triton log-Mel kernel under each of TILE_CANDIDATES
 
-For each kernel and size, three versions of the same math run:
+For each kernel and size (and, for the KL, each logits dtype) these versions of the same math run:
     eager     the plain-PyTorch reference in kernels/*.py (the spec)
+    chunked   KL only: kernels.kl_div.kl_div_chunked, the CPU path kernels.kl_div dispatches to
     compile   torch.compile(reference); its first call (the compile) is reported apart, not in the median
     triton    the Triton kernel; CUDA only: on CPU Triton runs only in its interpreter, far too slow to time
 Each version's first output is compared with eager's (max |out - eager| / max |eager|), so a fast wrong
@@ -13,41 +15,48 @@ kernel shows up; then come --warmup untimed calls, then --repeats timed calls, o
 reported, and one more call that measures the peak memory a call needs beyond what is already held.
 The floor is the least time any kernel could take: the bytes it must move divided by this device's
 measured copy bandwidth; "x floor" says how far above it a version runs.
+
+--sweep-tiles is llm.c's block-size sweep: the log-Mel Triton kernel at B = 64 x 30 s under each of
+kernels.log_mel.TILE_CANDIDATES merged over DEFAULT_TILES, beside the eager reference.
 """
+import functools
 import statistics
 import time
 
 import torch
-import triton
 
-from bench_common import (
-    device_name, number, one_line, peak_extra_mib, pick_device, print_heading, report_header, synchronize, time_calls_ms,
-    write_json,
+from audio import CHUNK_LENGTH, N_FRAMES, N_SAMPLES
+from benchmarks.common import (
+    ByDevice, column, machine, one_line, peak_extra_mib, pick_device, print_table, report_header, settle_defaults,
+    synchronize, time_calls_ms, write_json,
 )
-from kernels.kl_div import kl_div_reference, kl_div_triton
-from kernels.log_mel import HOP_LENGTH, SAMPLE_RATE, log_mel_spectrogram_reference
+from kernels import (
+    TRITON_AVAILABLE, kl_div_chunked, kl_div_reference, kl_div_triton, log_mel_spectrogram_reference,
+    log_mel_spectrogram_triton,
+)
+from kernels.log_mel import DEFAULT_TILES, TILE_CANDIDATES
+from load import DTYPES
 
-try:
-    from kernels.log_mel import log_mel_spectrogram_triton
-except ImportError:  # the log-Mel kernel is not written yet: its row says so instead of a number
-    log_mel_spectrogram_triton = None
-
-AUDIO_SECONDS = 30  # Whisper's fixed window
 N_MELS = 80
 VOCAB_SIZE = 51865  # Whisper's multilingual vocabulary: the KL rows of distillation are this wide
-KL_DTYPE = torch.bfloat16  # distillation keeps logits in bf16
 KL_TEMPERATURE = 2.0  # distil-whisper's
+SWEEP_BATCH = 64  # utterances of 30 s per call in the tile sweep: enough programs to fill an H100
 
-# The full sizes are the issue's. On the 2-core CPU dev box the KL reference took ~11 s per call at N = 4096,
-# and N = 16384 needs ~16 GB of float32 intermediates (scaled from N = 256), so CPU defaults to quick.
+# On the 2-core CPU dev box the KL reference took ~11 s per call at N = 4096, and N = 16384 needs ~16 GB of
+# float32 intermediates (scaled from N = 256), so CPU runs the quick sizes unless --full asks otherwise.
 SIZES = {
     "full": {"log_mel": (1, 16, 64), "kl_div": (4096, 16384)},  # log-Mel: batch; KL: rows
     "quick": {"log_mel": (1, 4), "kl_div": (256, 1024)},
 }
+# Every default of the mode, read by both the flags' help (bench.py) and settle_defaults. Training on CPU runs
+# in float32 and on GPU keeps bf16 logits, so the KL runs at both.
+DEFAULTS = {"sizes": ByDevice(cuda="full", cpu="quick"), "kl_dtypes": ["float32", "bfloat16"], "repeats": 10,
+            "warmup": 2, "json": "bench-kernels.json"}
+QUICK = {"sizes": "quick"}
 COPY_BYTES = {"cuda": 2**30, "cpu": 2**28}  # large enough that caches do not flatter the copy
 L2_FLUSH_BYTES = 2**28  # larger than any GPU's L2 (H100: 50 MB): each timed call starts with a cold cache
 
-ROW_FIELDS = ("kernel", "size", "variant", "median_ms", "min_ms", "times_ms", "peak_extra_mib",
+ROW_FIELDS = ("kernel", "size", "dtype", "variant", "median_ms", "min_ms", "times_ms", "peak_extra_mib",
               "speedup_vs_eager", "bytes_moved", "floor_ms", "x_floor", "first_call_s", "max_err_vs_eager",
               "error", "note")
 
@@ -56,15 +65,17 @@ ROW_FIELDS = ("kernel", "size", "variant", "median_ms", "min_ms", "times_ms", "p
 
 class LogMelCase:
     """B utterances of 30 s of seeded noise; one call = one log-Mel spectrogram of the batch."""
-    kernel = "log_mel"
+    kernel, dtype = "log_mel", "float32"
+    reference, triton = staticmethod(log_mel_spectrogram_reference), staticmethod(log_mel_spectrogram_triton)
 
     def __init__(self, batch, device):
         generator = torch.Generator(device=device).manual_seed(0)
-        samples = AUDIO_SECONDS * SAMPLE_RATE
-        self.audio = torch.randn(batch, samples, generator=generator, device=device).mul_(0.1)  # (B, samples)
-        self.size = f"B={batch} x {AUDIO_SECONDS} s"
-        frames = samples // HOP_LENGTH
-        self.bytes_moved = 4 * self.audio.numel() + 4 * batch * N_MELS * frames  # read audio, write mel (fp32)
+        self.audio = torch.randn(batch, N_SAMPLES, generator=generator, device=device).mul_(0.1)  # (B, samples)
+        self.size = f"B={batch} x {CHUNK_LENGTH} s"
+        self.bytes_moved = 4 * self.audio.numel() + 4 * batch * N_MELS * N_FRAMES  # read audio, write mel (fp32)
+
+    def own_variants(self):
+        return []
 
     def reset(self):
         pass
@@ -74,17 +85,21 @@ class LogMelCase:
 
 
 class KLDivCase:
-    """N rows of bf16 student and teacher logits; one call = the loss forward and backward."""
+    """N rows of student and teacher logits in one dtype; one call = the loss forward and backward."""
     kernel = "kl_div"
+    reference, triton = staticmethod(kl_div_reference), staticmethod(kl_div_triton)
 
-    def __init__(self, n_rows, device):
+    def __init__(self, n_rows, dtype, device):
         generator = torch.Generator(device=device).manual_seed(0)
         shape = (n_rows, VOCAB_SIZE)
-        self.student = torch.randn(shape, generator=generator, device=device, dtype=KL_DTYPE).mul_(3)
+        self.student = torch.randn(shape, generator=generator, device=device, dtype=DTYPES[dtype]).mul_(3)
         self.student.requires_grad_()
-        self.teacher = torch.randn(shape, generator=generator, device=device, dtype=KL_DTYPE).mul_(3)
-        self.size = f"N={n_rows} x V={VOCAB_SIZE}"
+        self.teacher = torch.randn(shape, generator=generator, device=device, dtype=DTYPES[dtype]).mul_(3)
+        self.size, self.dtype = f"N={n_rows} x V={VOCAB_SIZE}", dtype
         self.bytes_moved = 3 * self.student.numel() * self.student.element_size()  # read s, t; write grad
+
+    def own_variants(self):
+        return [("chunked", kl_div_chunked, None)]  # what kernels.kl_div runs on CPU when training
 
     def reset(self):
         self.student.grad = None  # each call allocates its gradient afresh, as a training step would
@@ -95,20 +110,33 @@ class KLDivCase:
         return loss.detach(), self.student.grad
 
 
-def kernel_variants(reference, triton_fn, device, no_compile):
-    """Yields (variant, callable or None, why it does not run) for eager, compile and triton."""
-    yield "eager", reference, None
+def triton_variant(fn, device):
+    """(variant, callable or None, why it does not run) of a Triton kernel on this device."""
+    if not TRITON_AVAILABLE:
+        return "triton", None, "n/a (Triton is not installed)"
+    if device.type != "cuda":
+        return "triton", None, "n/a (interpreter)"
+    return "triton", fn, None
+
+
+def kernel_variants(case, device, no_compile):
+    """Yields (variant, callable or None, why it does not run) for eager, the case's own, compile and triton."""
+    yield "eager", case.reference, None
+    yield from case.own_variants()
     if no_compile:
         yield "compile", None, "skipped (--no-compile)"
     else:
         torch._dynamo.reset()  # runs when this row is reached: each compile row compiles from scratch
-        yield "compile", torch.compile(reference, dynamic=False), None
-    if device.type != "cuda":
-        yield "triton", None, "n/a (interpreter)"
-    elif triton_fn is None:
-        yield "triton", None, "n/a (no Triton kernel in kernels/)"
-    else:
-        yield "triton", triton_fn, None
+        yield "compile", torch.compile(case.reference, dynamic=False), None
+    yield triton_variant(case.triton, device)
+
+
+def tile_variants(case):
+    """The eager reference, then the Triton log-Mel kernel under each of TILE_CANDIDATES."""
+    yield "eager", log_mel_spectrogram_reference, None
+    for tiles in TILE_CANDIDATES:
+        name = " ".join(["triton"] + [f"{key}={value}" for key, value in tiles.items()])
+        yield name, functools.partial(log_mel_spectrogram_triton, tiles=tiles), None
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -159,19 +187,20 @@ def measure_variant(case, fn, device, args, l2_flush):
     return measured, outputs
 
 
-def bench_case(case, reference, triton_fn, device, bandwidth, args, l2_flush):
-    """One row per variant for this kernel and size."""
+def bench_case(case, variants, device, bandwidth, args, l2_flush):
+    """One row per variant for this kernel and size: variants(case) yields (variant, callable or None, why not)."""
     floor_ms = case.bytes_moved / bandwidth * 1e3
     rows, eager_outputs, eager_ms = [], None, None
-    for variant, fn, why_not in kernel_variants(reference, triton_fn, device, args.no_compile):
+    for variant, fn, why_not in variants(case):
         row = dict.fromkeys(ROW_FIELDS)
-        row.update(kernel=case.kernel, size=case.size, variant=variant, bytes_moved=case.bytes_moved,
-                   floor_ms=floor_ms, note=why_not)
+        row.update(kernel=case.kernel, size=case.size, dtype=case.dtype, variant=variant,
+                   bytes_moved=case.bytes_moved, floor_ms=floor_ms, note=why_not)
         rows.append(row)
+        label = f"{case.kernel} {case.size} {case.dtype} {variant}"
         if fn is None:
-            print(f"{case.kernel} {case.size} {variant}: {why_not}")
+            print(f"{label}: {why_not}")
             continue
-        print(f"{case.kernel} {case.size} {variant}: running", flush=True)
+        print(f"{label}: running", flush=True)
         try:
             measured, outputs = measure_variant(case, fn, device, args, l2_flush)
         except Exception as error:  # noqa: BLE001  a failed compile or an out-of-memory costs one row, not the table
@@ -196,29 +225,15 @@ def bench_case(case, reference, triton_fn, device, bandwidth, args, l2_flush):
 
 # ----------------------------------------------------------------------------- report
 
-def print_table(rows):
-    header = (f"{'kernel':8s} {'size':18s} {'variant':8s} {'median ms':>10s} {'peak MiB':>9s} {'vs eager':>9s} "
-              f"{'floor ms':>9s} {'x floor':>8s} {'1st call s':>10s} {'err vs eager':>12s}")
-    print_heading(header)
-    for row in rows:
-        start = f"{row['kernel']:8s} {row['size']:18s} {row['variant']:8s}"
-        if row["median_ms"] is None:
-            print(f"{start} {row['error'] or row['note']}")
-            continue
-        speedup = "-" if row["speedup_vs_eager"] is None else f"{row['speedup_vs_eager']:.2f}x"
-        print(f"{start} {row['median_ms']:10.3f} {number(row['peak_extra_mib'], '9.1f')} {speedup:>9s} "
-              f"{row['floor_ms']:9.3f} {row['x_floor']:7.1f}x {row['first_call_s']:10.2f} "
-              f"{number(row['max_err_vs_eager'], '12.1e')}")
+COLUMNS = (column("kernel", "kernel"), column("size", "size"), column("dtype", "dtype"),
+           column("variant", "variant"), column("median ms", "median_ms", ".3f"),
+           column("peak MiB", "peak_extra_mib", ".1f"), column("vs eager", "speedup_vs_eager", lambda v: f"{v:.2f}x"),
+           column("floor ms", "floor_ms", ".3f"), column("x floor", "x_floor", lambda v: f"{v:.1f}x"),
+           column("1st call s", "first_call_s", ".2f"), column("err vs eager", "max_err_vs_eager", ".1e"))
 
 
-def choose_sizes(args, device):
-    if args.quick:
-        return "quick"
-    if args.full or device.type == "cuda":
-        return "full"
-    print("CPU: the full KL sizes (N up to 16384 x 51865) need more memory and minutes per call than a CPU "
-          "run should take, so the quick sizes run (--full forces the full ones)")
-    return "quick"
+def not_measured(row):
+    return (row["error"] or row["note"]) if row["median_ms"] is None else None
 
 
 def report_notes(device):
@@ -230,8 +245,8 @@ def report_notes(device):
         ("max_err_vs_eager: max |out - eager| / max |eager| over the outputs (log-Mel: the spectrogram; "
          "KL: the loss and the student gradient)"),
         ("floor_ms: bytes_moved / copy bandwidth; log-Mel moves the fp32 audio in and the fp32 mel out, "
-         "KL fwd+bwd reads both bf16 logits and writes the bf16 student gradient"),
-        "KL: bf16 logits, temperature 2, student requires grad; timed as loss.backward() included",
+         "KL fwd+bwd reads both logits and writes the student gradient, all in the row's dtype"),
+        "KL: temperature 2, student requires grad; timed as loss.backward() included",
     ]
     if device.type == "cuda":
         notes.append("peak_extra_mib: torch.cuda.max_memory_allocated during one call minus memory_allocated "
@@ -242,31 +257,61 @@ def report_notes(device):
                      "resident set (Linux VmHWM, reset through /proc/self/clear_refs after malloc_trim) during "
                      "one call: page-granular and approximate; null where the OS does not allow it")
         notes.append("triton: not timed on CPU, where Triton runs only in its interpreter")
+    if not TRITON_AVAILABLE:
+        notes.append("triton: not installed here, so no Triton row ran and triton_version is null")
     return notes
+
+
+def triton_version():
+    if not TRITON_AVAILABLE:
+        return None
+    import triton  # here, not at the top: the benchmarks run where Triton is not installed
+
+    return triton.__version__
+
+
+def planned_cases(args, device):
+    """(make the case, its variants) of every case of the run: each case is made when its turn comes and
+    freed after it, so only one holds its inputs at a time (full-size KL logits run to gigabytes)."""
+    if args.sweep_tiles:
+        return [(functools.partial(LogMelCase, SWEEP_BATCH, device), tile_variants)]
+    variants = functools.partial(kernel_variants, device=device, no_compile=args.no_compile)
+    return ([(functools.partial(LogMelCase, batch, device), variants) for batch in SIZES[args.sizes]["log_mel"]]
+            + [(functools.partial(KLDivCase, n_rows, dtype, device), variants)
+               for dtype in args.kl_dtypes for n_rows in SIZES[args.sizes]["kl_div"]])
+
+
+def describe_run(args, device):
+    if args.sweep_tiles:
+        return (f"tile sweep: log-Mel B = {SWEEP_BATCH} x {CHUNK_LENGTH} s under {len(TILE_CANDIDATES)} "
+                f"overrides of DEFAULT_TILES = {DEFAULT_TILES}")
+    why = (" (the default on CPU: the full KL sizes need ~16 GB and minutes a call; --full runs them)"
+           if device.type == "cpu" and args.sizes == "quick" and not args.quick else "")
+    return (f"sizes: {args.sizes}{why}: log-Mel B = {SIZES[args.sizes]['log_mel']} x {CHUNK_LENGTH} s; KL N = "
+            f"{SIZES[args.sizes]['kl_div']} x {VOCAB_SIZE} in {', '.join(args.kl_dtypes)}")
 
 
 def run(args):
     """`python bench.py kernels`: every kernel at every size, then the table and the JSON report."""
     device = pick_device(args.device)
-    sizes = choose_sizes(args, device)
-    print(f"device: {device_name(device)}; torch {torch.__version__}, triton {triton.__version__}")
-    print(f"sizes: {sizes}: log-Mel B = {SIZES[sizes]['log_mel']} x {AUDIO_SECONDS} s; KL N = "
-          f"{SIZES[sizes]['kl_div']} x {VOCAB_SIZE} bf16; warm-up {args.warmup}, median of {args.repeats}")
+    if args.sweep_tiles and (device.type != "cuda" or not TRITON_AVAILABLE):
+        raise SystemExit("--sweep-tiles times the Triton log-Mel kernel, which needs a CUDA GPU and Triton "
+                         "(on CPU Triton runs only in its interpreter, far too slow to time)")
+    settle_defaults(args, device, DEFAULTS, QUICK)
+    report = report_header("kernels", device)
+    print(f"{machine(report)}; triton {triton_version() or 'not installed'}")
+    print(f"{describe_run(args, device)}; warm-up {args.warmup}, median of {args.repeats}")
 
     bandwidth = measure_copy_bandwidth(device, args.repeats)
     print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write, {COPY_BYTES[device.type] // 2**20} MiB copy)")
     l2_flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if device.type == "cuda" else None
-
     rows = []
-    for batch in SIZES[sizes]["log_mel"]:
-        rows += bench_case(LogMelCase(batch, device), log_mel_spectrogram_reference, log_mel_spectrogram_triton,
-                           device, bandwidth, args, l2_flush)
-    for n_rows in SIZES[sizes]["kl_div"]:
-        rows += bench_case(KLDivCase(n_rows, device), kl_div_reference, kl_div_triton,
-                           device, bandwidth, args, l2_flush)
-    print_table(rows)
+    for make_case, variants in planned_cases(args, device):
+        rows += bench_case(make_case(), variants, device, bandwidth, args, l2_flush)
+    print_table(COLUMNS, rows, f"kernels on {machine(report)}", lead=4, why_not=not_measured)
 
-    report = report_header("kernels", device)
-    report.update(triton_version=triton.__version__, sizes=sizes, warmup=args.warmup, repeats=args.repeats,
+    report.update(triton_version=triton_version(), sizes="sweep" if args.sweep_tiles else args.sizes,
+                  kl_dtypes=args.kl_dtypes, warmup=args.warmup, repeats=args.repeats,
+                  tiles=[{**DEFAULT_TILES, **t} for t in TILE_CANDIDATES] if args.sweep_tiles else None,
                   copy_bandwidth_gb_s=bandwidth / 1e9, notes=report_notes(device), rows=rows)
     write_json(report, args.json)

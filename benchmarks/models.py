@@ -1,65 +1,93 @@
 """`python bench.py` (mode `models`): how fast the teacher and its students transcribe, and where the time goes.
 
-    python bench.py                              # base + students (6,2) (6,1) (4,2) (3,2) on 30 dev utterances
-    python bench.py --threads 2 --student runs/askd/student.pt
-    python bench.py --quick --device cpu --json out.json    # tiny.en, 3 utterances, batch 1 and 2, greedy (CI)
+    python bench.py                              # the teacher and its made students on the dev utterances
+    python bench.py --threads 2 --student runs/askd/student.pt runs/kd/student.pt
+    python bench.py --quick --device cpu --json out.json    # CI-sized (QUICK below)
+    python bench.py --audio-ctx dynamic --audio-margin 16   # every model on the real length of its audio
 
 Every model is timed on the same fixed audio: real LibriSpeech utterances (evenly spaced over the chosen
 speakers' sorted list), plus windows of up to 30 s made of consecutive utterances of one chapter joined whole
 (so their references stay exact). Decoding is greedy and beam 5 at temperature 0 only (no fallback), without
-timestamps, so every model does the same kind of work.
+timestamps, so every model does the same kind of work. Each model hears its audio under its own audio
+context (model.audio_context: 30 s windows for the official models, the real length plus a margin for a
+student checkpoint made for it); --audio-ctx/--audio-margin override it for every model.
 
   end to end  transcribe_clips() batch by batch: latency per utterance at batch 1, throughput at larger
               batches (batches are full: the utterance list is cycled to fill the last); windows at batch 1.
               Each model first decodes batch 0 untimed (its peak memory is recorded); then, --passes times,
-              the models take turns (teacher, students), each running all the batches (bench_common.
-              time_in_turns); per batch the median. Wall time, the GPU drained before and after.
+              the models take turns (teacher, students), each running all the batches (time_in_turns in
+              benchmarks/common.py); per batch the median. Wall time, the GPU drained before and after.
   the split   on a fixed batch: log-Mel (clip_mels), encoder (embed_audio), the first decoder step (the prompt,
               and the cross-attention keys/values of the audio), and each further token (the mean of
               STEPS_TIMED steps on the KV cache); median of --repeats after --warmup calls, CUDA events on GPU.
               overhead = end to end - log-Mel - the network's time for the steps the run took (logit filters,
               softmax, beam bookkeeping, Python), per decoding step.
+  audio context sweep
+              where the time goes vs audio length: clips of exactly --sweep-seconds (5, 10, 20, 30 s), cut
+              from the dev speech played end to end, each at batch 1 under a fixed context (3000 Mel frames,
+              1500 positions) and a dynamic one (the clip's own positions plus the margin: the model's own
+              when its policy is dynamic, else --audio-margin or SWEEP_MARGIN). Per model, clip and context:
+              the encoder, the first step and the per-token step as in the split, and the whole greedy
+              transcribe_clips() latency, decoded for exactly the teacher's number of steps on that clip
+              (forced length, below) so both contexts do the same decoder work; the ratio dynamic / fixed
+              of each. Medians of --sweep-repeats; the latencies with the models taking turns. At 30 s the
+              two contexts coincide (1500 positions): the ratios there say how much is noise.
 
 A student made by make_student has not been trained: it may stop at once or never emit <|endoftext|>, and the
 time either takes says nothing about its speed. So it is decoded with a forced length: for each batch exactly as
 many decoder steps as the teacher took on that batch (sample_len = the teacher's steps, <|endoftext|>
 suppressed). Everything else is the real pipeline, timed like the teacher; only its text is meaningless, so it
-has no WER. A trained student (--student PATH) decodes freely and is scored.
+has no WER. A made student hears audio as its teacher does. Trained students (--student PATH...) decode
+freely and are scored.
 """
+import contextlib
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import List, Optional
 
 import torch
 
-from bench_common import (
-    WINDOW_SECONDS, Clip, full_batches, load_clips, median_ms, number, pick_device, plot_runs,
-    print_heading, report_header, run_summary, time_in_turns, write_json,
+from audio import CHUNK_LENGTH
+from benchmarks.common import (
+    ByDevice, Clip, Column, column, full_batches, load_clips, machine, median_ms, pick_device, plot_runs, print_table,
+    report_header, run_summary, settle_defaults, speech_cuts, time_in_turns, write_json,
 )
 from decoding import NO_FALLBACK, DecodingOptions, initial_tokens
 from evaluate import word_error_rate
 from load import DTYPES, load_model
-from model import Whisper
+from model import MODEL_DIMS, AudioContext, ModelDimensions, Whisper
 from student import make_student
 from tokenizer import tokenizer_for
-from transcribe import clip_mels, transcribe_clips
+from transcribe import audio_context_override, clip_mels, encoder_input, transcribe_clips
 
 DECODERS = {"greedy": {}, "beam5": {"beam_size": 5}}  # extra DecodingOptions of each
 STEPS_TIMED = 32  # one-token decoder steps per timed call of the split: about one utterance's worth
-STUDENT_RTF_GOAL = 0.04  # the issue's goal for a student on 2 CPU threads (greedy, batch 1)
+SWEEP_MARGIN = 16  # the sweep's dynamic context for a model whose own is fixed: positions (20 ms) past the audio
 
-# What --quick changes: a CI-sized run (tiny.en, a few clips, greedy, batch 1 and 2).
+# Every default of the mode, read by both the flags' help (bench.py) and settle_defaults; a GPU takes larger
+# batches and more passes. --students and --dtype default to what student_shapes and load_model choose;
+# sweep_repeats None: --repeats.
+DEFAULTS = {"teacher": "base", "utterances": 30, "windows": 4, "batch_sizes": ByDevice([1, 8, 16, 32], [1, 8]),
+            "decoders": list(DECODERS), "repeats": 3, "warmup": 1, "passes": ByDevice(3, 1),
+            "sweep_seconds": [5, 10, 20, 30], "sweep_repeats": None, "json": "bench.json", "plot": "bench.png"}
+# What --quick changes: a CI-sized run.
 QUICK = {"teacher": "tiny.en", "utterances": 3, "windows": 1, "batch_sizes": [1, 2], "decoders": ["greedy"],
-         "repeats": 2, "passes": 1}
+         "repeats": 2, "passes": 1, "sweep_seconds": [5, 30], "sweep_repeats": 1}
 
 MODEL_FIELDS = ("name", "source", "encoder_layers", "decoder_layers", "parameters", "size_mib", "dtype",
-                "forced_length")
+                "forced_length", "audio_context")
 RUN_FIELDS = ("model", "set", "decoder", "batch_size", "forced_length", "n_items", "n_batches", "audio_seconds",
               "total_s", "rtf", "audio_s_per_s", "latency_ms_median", "latency_ms_p90", "tokens", "tokens_per_s",
               "peak_mib", "wer", "speedup_vs_teacher", "batch_ms", "batch_audio_s", "steps")
 SPLIT_FIELDS = ("model", "decoder", "batch_size", "rows", "mel_ms", "encoder_ms", "first_step_ms", "per_token_ms",
                 "overhead_ms_per_step", "encoder_times_ms", "first_step_times_ms", "per_token_times_ms",
                 "encoder_peak_mib", "decoder_peak_mib")
+SWEEP_FIELDS = ("model", "seconds", "steps", "fixed", "dynamic", "dynamic_vs_fixed")
+SWEEP_CONTEXT_FIELDS = ("audio_context", "mel_frames", "positions", "encoder_ms", "first_step_ms", "per_token_ms",
+                        "latency_ms", "decoder_steps", "encoder_times_ms", "first_step_times_ms",
+                        "per_token_times_ms", "latency_peak_mib")
+SWEEP_RATIOS = ("encoder", "first_step", "per_token", "latency")  # dynamic / fixed of each <name>_ms
 
 
 # ----------------------------------------------------------------------------- the models
@@ -72,10 +100,10 @@ class Contender:
     forced_length: bool  # untrained: decoded for the teacher's number of steps
 
 
-def student_shapes(spec: Optional[List[str]], teacher: Whisper, quick: bool):
+def student_shapes(spec: Optional[List[str]], dims: ModelDimensions, quick: bool):
     """(encoder, decoder) layers of each made student. Default: the full encoder with 2 and 1 decoder layers,
     then two thirds and half the encoder with 2 (for base: (6,2) (6,1) (4,2) (3,2)); quick: the first only."""
-    n_encoder, n_decoder = teacher.dims.n_audio_layer, teacher.dims.n_text_layer
+    n_encoder, n_decoder = dims.n_audio_layer, dims.n_text_layer
     if spec is None:
         shapes = [(n_encoder, 2), (n_encoder, 1), (round(2 * n_encoder / 3), 2), (n_encoder // 2, 2)]
         shapes = list(dict.fromkeys((e, min(d, n_decoder)) for e, d in shapes))
@@ -88,19 +116,55 @@ def student_shapes(spec: Optional[List[str]], teacher: Whisper, quick: bool):
     return shapes
 
 
+def students_help() -> str:
+    """--students' default for the default teacher, from student_shapes' rule itself."""
+    shapes = student_shapes(None, MODEL_DIMS[DEFAULTS["teacher"]], quick=False)
+    return f"default for {DEFAULTS['teacher']}: {' '.join(f'{e},{d}' for e, d in shapes)}; quick: the first"
+
+
+def trained_names(paths: List[str]) -> List[str]:
+    """Table names of the trained students: "student (trained)" for one; for several, each path's shortest
+    ending that tells them apart (runs/askd/student.pt and runs/kd/student.pt: askd/student.pt, kd/student.pt)."""
+    if len(paths) <= 1:
+        return ["student (trained)"] * len(paths)
+    parts = [Path(path).parts for path in paths]
+    for n in range(1, max(map(len, parts)) + 1):
+        endings = ["/".join(p[-n:]) for p in parts]
+        if len(set(endings)) == len(endings):
+            return [f"student ({ending})" for ending in endings]
+    raise SystemExit(f"--student: a checkpoint is given twice: {' '.join(paths)}")
+
+
 def load_contenders(args, device, dtype) -> List[Contender]:
-    """The teacher first (the others are compared with it), then a trained student, then the made ones."""
+    """The teacher first (the others are compared with it), then the trained students, then the made ones,
+    each under its own audio context or the --audio-ctx/--audio-margin override."""
     teacher = load_model(args.teacher, device, dtype)
     found = [Contender(f"teacher {args.teacher}", teacher, args.teacher, forced_length=False)]
-    if args.student:
-        found.append(Contender("student (trained)", load_model(args.student, device, dtype), args.student, False))
-    for encoder_layers, decoder_layers in student_shapes(args.students, teacher, args.quick):
+    paths = args.student or []
+    for name, path in zip(trained_names(paths), paths):
+        found.append(Contender(name, load_model(path, device, dtype), path, forced_length=False))
+    for encoder_layers, decoder_layers in student_shapes(args.students, teacher.dims, args.quick):
         student = make_student(teacher, decoder_layers=decoder_layers, encoder_layers=encoder_layers).eval()
+        student.audio_context = teacher.audio_context
         source = f"make_student({args.teacher}, decoder_layers={decoder_layers}, encoder_layers={encoder_layers})"
         found.append(Contender(f"student ({encoder_layers},{decoder_layers})", student, source, forced_length=True))
     for contender in found:
-        contender.model.optimize_for_decoding()  # on CPU, the layout the inference entry points use
+        model = contender.model
+        if args.audio_ctx is not None or args.audio_margin is not None:  # a margin alone: dynamic models' only
+            model.audio_context = audio_context_override(model, args.audio_ctx or model.audio_context.mode,
+                                                         args.audio_margin)
+        model.optimize_for_decoding()  # on CPU, the layout the inference entry points use
     return found
+
+
+@contextlib.contextmanager
+def heard_as(model: Whisper, context: AudioContext):
+    """The model under another audio context for a while."""
+    own, model.audio_context = model.audio_context, context
+    try:
+        yield model
+    finally:
+        model.audio_context = own
 
 
 def model_row(contender: Contender) -> dict:
@@ -109,7 +173,7 @@ def model_row(contender: Contender) -> dict:
     return {"name": contender.name, "source": contender.source, "encoder_layers": model.dims.n_audio_layer,
             "decoder_layers": model.dims.n_text_layer, "parameters": sum(p.numel() for p in model.parameters()),
             "size_mib": sum(t.numel() * t.element_size() for t in tensors) / 2**20, "dtype": str(model.dtype),
-            "forced_length": contender.forced_length}
+            "forced_length": contender.forced_length, "audio_context": asdict(model.audio_context)}
 
 
 def decoding_options(decoder: str) -> DecodingOptions:
@@ -208,12 +272,15 @@ def find(rows, model, decoder, batch_size, set_name=None):
 # ----------------------------------------------------------------------------- the split
 
 @torch.no_grad()
-def measure_split(model: Whisper, mel: torch.Tensor, beams: int, args, device) -> dict:
-    """Encoder, first step and per-token cost of the model on a fixed batch: mel (B, n_mels, 3000), B x beams rows."""
+def measure_split(model: Whisper, mel: torch.Tensor, beams: int, warmup: int, repeats: int, device,
+                  audio_lengths: Optional[torch.Tensor] = None) -> dict:
+    """Encoder, first step and per-token cost of the model on a fixed batch: mel (B, n_mels, 2 S) and the rows'
+    positions (B,) as encoder_input gives them, B x beams decoder rows."""
     tokenizer = tokenizer_for(model, language="en")
     # <|startoftranscript|> [<|en|> <|transcribe|>] <|notimestamps|>, as decode() starts
     prompt = initial_tokens(tokenizer, decoding_options("greedy"), model.dims.n_text_ctx)
-    features = model.embed_audio(mel).repeat_interleave(beams, dim=0)  # beams share their utterance's audio
+    features = model.embed_audio(mel, audio_lengths).repeat_interleave(beams, dim=0)  # beams share their audio
+    lengths = None if audio_lengths is None else audio_lengths.repeat_interleave(beams, dim=0)
     rows = features.shape[0]
     tokens = torch.tensor([prompt] * rows, device=device)
     next_token = tokens[:, -1:]  # which token is fed does not change the cost
@@ -221,7 +288,7 @@ def measure_split(model: Whisper, mel: torch.Tensor, beams: int, args, device) -
 
     def first_step(cache):
         cache.reset()  # the cross-attention keys/values are computed again, as for new audio
-        return model.logits(tokens, features, cache)
+        return model.logits(tokens, features, cache, lengths)
 
     def further_steps(cache):
         cache.length = len(prompt)  # the same positions every call
@@ -232,10 +299,10 @@ def measure_split(model: Whisper, mel: torch.Tensor, beams: int, args, device) -
         return logits
 
     cache = model.new_cache(rows, len(prompt) + STEPS_TIMED)
-    encoder_ms, encoder_times, encoder_peak = median_ms(lambda: model.embed_audio(mel), device, args.warmup,
-                                                        args.repeats)
-    first_ms, first_times, first_peak = median_ms(lambda: first_step(cache), device, args.warmup, args.repeats)
-    steps_ms, steps_times, steps_peak = median_ms(lambda: further_steps(cache), device, args.warmup, args.repeats)
+    encoder_ms, encoder_times, encoder_peak = median_ms(lambda: model.embed_audio(mel, audio_lengths), device,
+                                                        warmup, repeats)
+    first_ms, first_times, first_peak = median_ms(lambda: first_step(cache), device, warmup, repeats)
+    steps_ms, steps_times, steps_peak = median_ms(lambda: further_steps(cache), device, warmup, repeats)
     peaks = [p for p in (first_peak, steps_peak) if p is not None]
     return {"rows": rows, "encoder_ms": encoder_ms, "first_step_ms": first_ms, "per_token_ms": steps_ms / STEPS_TIMED,
             "encoder_times_ms": encoder_times, "first_step_times_ms": first_times,
@@ -257,7 +324,8 @@ def overhead_ms_per_step(runs: List[dict], split: dict) -> Optional[float]:
 
 def the_split(contenders: List[Contender], utterances, runs, args, device) -> List[dict]:
     """Log-Mel, encoder, first step and per-token cost of every model at every decoder and batch size of the
-    runs, on the first clips; the overhead per step from the model's own end-to-end runs."""
+    runs, on the first clips, each model under its own audio context; the overhead per step from the model's
+    own end-to-end runs."""
     split = []
     for batch_size in sorted(set(args.batch_sizes) | {1}):
         batch = [c.audio for c in full_batches(utterances, batch_size)[0]]
@@ -266,14 +334,98 @@ def the_split(contenders: List[Contender], utterances, runs, args, device) -> Li
         for decoder in args.decoders:
             for contender in contenders:
                 print(f"split: {contender.name}, {decoder}, batch {batch_size}", flush=True)
-                mel = clip_mels(batch, contender.model.dims.n_mels, device).to(contender.model.dtype)
+                mel, lengths = encoder_input(contender.model, batch)
                 row = dict.fromkeys(SPLIT_FIELDS)
-                row.update(measure_split(contender.model, mel, DECODERS[decoder].get("beam_size", 1), args, device),
+                row.update(measure_split(contender.model, mel.to(contender.model.dtype),
+                                         DECODERS[decoder].get("beam_size", 1), args.warmup, args.repeats, device,
+                                         lengths),
                            model=contender.name, decoder=decoder, batch_size=batch_size, mel_ms=mel_ms)
                 own_runs = find(runs, contender.name, decoder, batch_size)
                 row["overhead_ms_per_step"] = overhead_ms_per_step(own_runs, row)
                 split.append(row)
     return split
+
+
+# ----------------------------------------------------------------------------- the audio context sweep
+
+def sweep_contexts(model: Whisper, margin: int) -> dict:
+    """The two contexts a model is swept under: 30 s windows, and the real length plus a margin (the model's
+    own dynamic context, or one with `margin` when its own is fixed)."""
+    own = model.audio_context
+    return {"fixed": AudioContext("fixed"),
+            "dynamic": own if own.mode == "dynamic" else AudioContext("dynamic", margin)}
+
+
+def free_steps(teacher: Contender, clips: List[Clip]) -> List[int]:
+    """Decoder steps the teacher takes on each clip, greedy and free under its own context (untimed)."""
+    counter, steps = StepCounter(teacher.model), []
+    try:
+        for clip in clips:
+            counter.count = 0
+            transcribe_clips(teacher.model, [clip.audio], decoding_options("greedy"), NO_FALLBACK, 1)
+            steps.append(counter.count)
+    finally:
+        counter.close()
+    return steps
+
+
+def latency_call(model: Whisper, context: AudioContext, options: DecodingOptions, counter: StepCounter):
+    """call(index, batch) -> decoder steps, for time_in_turns: transcribe_clips under `context`."""
+    def call(index, batch):
+        counter.count = 0
+        with heard_as(model, context):
+            transcribe_clips(model, [c.audio for c in batch], options, NO_FALLBACK, len(batch))
+        return counter.count
+    return call
+
+
+def context_sweep(contenders: List[Contender], clips: List[Clip], margin: int, args, device) -> List[dict]:
+    """Per model and clip (batch 1), fixed vs dynamic context: the split's encoder, first step and per-token
+    times, then the whole latency of transcribe_clips() with every model and context taking turns, all
+    decoding the teacher's number of steps on the clip; the ratios dynamic / fixed. An input is measured once:
+    the split's times hang on the Mel's width, not on what it holds (every fixed context is 3000 frames), and
+    at 30 s the dynamic context gives the encoder those same 3000 frames."""
+    steps = free_steps(contenders[0], clips)
+    counters = {c.name: StepCounter(c.model) for c in contenders}
+    splits, rows = {}, []  # splits: (model, Mel frames) -> measure_split's times
+    try:
+        for clip, n_steps in zip(clips, steps):
+            inputs, calls = {}, {}  # inputs: (model, context) -> (model, Mel frames); calls: one per input
+            for contender in contenders:
+                model = contender.model
+                options = forced_options(decoding_options("greedy"), model, n_steps)
+                for mode, context in sweep_contexts(model, margin).items():
+                    with heard_as(model, context):
+                        mel, lengths = encoder_input(model, [clip.audio])
+                    key = inputs[contender.name, mode] = (contender.name, mel.shape[-1])
+                    if key not in splits:
+                        print(f"audio context sweep: {contender.name}, {mel.shape[-1]} Mel frames", flush=True)
+                        splits[key] = measure_split(model, mel.to(model.dtype), 1, args.warmup, args.sweep_repeats,
+                                                    device, lengths)
+                    if key not in calls:
+                        calls[key] = latency_call(model, context, options, counters[contender.name])
+            print(f"audio context sweep: {clip.seconds:g} s, whole latency: every model and context, in turns",
+                  flush=True)
+            timed = time_in_turns(calls, [[clip]], args.sweep_repeats, device)
+            for contender in contenders:
+                row = {"model": contender.name, "seconds": clip.seconds, "steps": n_steps}
+                for mode, context in sweep_contexts(contender.model, margin).items():
+                    key = inputs[contender.name, mode]
+                    result = timed[key]
+                    if result.error:
+                        raise SystemExit(f"{contender.name} ({mode} context) failed: {result.error}")
+                    row[mode] = {**{k: splits[key].get(k) for k in SWEEP_CONTEXT_FIELDS},
+                                 "audio_context": asdict(context), "mel_frames": key[1], "positions": key[1] // 2,
+                                 "latency_ms": 1e3 * result.seconds[0], "decoder_steps": result.outputs[0],
+                                 "latency_peak_mib": result.peak_mib}
+                row["dynamic_vs_fixed"] = {name: row["dynamic"][f"{name}_ms"] / row["fixed"][f"{name}_ms"]
+                                           for name in SWEEP_RATIOS}
+                rows.append(row)
+    finally:
+        for counter in counters.values():
+            counter.close()
+    order = [c.name for c in contenders]
+    return sorted(rows, key=lambda r: (order.index(r["model"]), r["seconds"]))
 
 
 # ----------------------------------------------------------------------------- the report
@@ -282,31 +434,53 @@ def length_label(forced_length: bool) -> str:
     return "forced length" if forced_length else "free"
 
 
-def print_tables(models, runs, split):
-    print(f"\n{'model':22s} {'enc/dec':>7s} {'params M':>9s} {'MiB':>7s}  decoding")
-    for m in models:
-        print(f"{m['name']:22s} {m['encoder_layers']:>3d}/{m['decoder_layers']:<3d} {m['parameters'] / 1e6:9.2f} "
-              f"{m['size_mib']:7.1f}  {length_label(m['forced_length'])}")
-    header = (f"{'model':22s} {'set':10s} {'decoder':7s} {'batch':>5s} {'RTF':>7s} {'audio s/s':>9s} "
-              f"{'median ms':>10s} {'p90 ms':>9s} {'tokens/s':>8s} {'peak MiB':>8s} {'WER %':>6s} {'x teacher':>9s}")
-    print_heading(header, "end to end (RTF = seconds / audio seconds; latency per batch, i.e. per utterance at batch 1)")
-    for r in runs:
-        wer = None if r["wer"] is None else 100 * r["wer"]
-        print(f"{r['model']:22s} {r['set']:10s} {r['decoder']:7s} {r['batch_size']:5d} {r['rtf']:7.4f} "
-              f"{r['audio_s_per_s']:9.2f} {r['latency_ms_median']:10.1f} {r['latency_ms_p90']:9.1f} "
-              f"{r['tokens_per_s']:8.1f} {number(r['peak_mib'], '8.0f')} {number(wer, '6.2f')} "
-              f"{r['speedup_vs_teacher']:8.2f}x")
-    header = (f"{'model':22s} {'decoder':7s} {'batch':>5s} {'rows':>4s} {'log-Mel ms':>10s} {'encoder ms':>10s} "
-              f"{'1st step ms':>11s} {'ms/token':>8s} {'overhead ms/step':>16s}")
-    print_heading(header, "the split (per batch; 1st step = prompt + cross-attention keys/values; overhead from end to end)")
-    for s in split:
-        print(f"{s['model']:22s} {s['decoder']:7s} {s['batch_size']:5d} {s['rows']:4d} {s['mel_ms']:10.1f} "
-              f"{s['encoder_ms']:10.1f} {s['first_step_ms']:11.1f} {s['per_token_ms']:8.2f} "
-              f"{number(s['overhead_ms_per_step'], '16.2f')}")
+def context_label(context: dict) -> str:
+    return "fixed" if context["mode"] == "fixed" else f"dynamic +{context['margin']}"
+
+
+MODEL_COLUMNS = (column("model", "name"), Column("enc/dec", lambda m: f"{m['encoder_layers']}/{m['decoder_layers']}"),
+                 column("params M", "parameters", lambda n: f"{n / 1e6:.2f}"), column("MiB", "size_mib", ".1f"),
+                 Column("decoding", lambda m: length_label(m["forced_length"])),
+                 Column("audio context", lambda m: context_label(m["audio_context"])))
+RUN_COLUMNS = (column("model", "model"), column("set", "set"), column("decoder", "decoder"),
+               column("batch", "batch_size", "d"), column("RTF", "rtf", ".4f"),
+               column("audio s/s", "audio_s_per_s", ".2f"),
+               column("median ms", "latency_ms_median", ".1f"), column("p90 ms", "latency_ms_p90", ".1f"),
+               column("tokens/s", "tokens_per_s", ".1f"), column("peak MiB", "peak_mib", ".0f"),
+               Column("WER %", lambda r: None if r["wer"] is None else 100 * r["wer"], ".2f"),
+               column("x teacher", "speedup_vs_teacher", lambda v: f"{v:.2f}x"))
+SPLIT_COLUMNS = (column("model", "model"), column("decoder", "decoder"), column("batch", "batch_size", "d"),
+                 column("rows", "rows", "d"), column("log-Mel ms", "mel_ms", ".1f"),
+                 column("encoder ms", "encoder_ms", ".1f"), column("1st step ms", "first_step_ms", ".1f"),
+                 column("ms/token", "per_token_ms", ".2f"), column("overhead ms/step", "overhead_ms_per_step", ".2f"))
+
+
+def sweep_columns(name: str, header: str, spec: str):
+    """fixed, dynamic and their ratio of one time."""
+    return (Column(f"{header} fixed", lambda r: r["fixed"][f"{name}_ms"], spec),
+            Column("dynamic", lambda r: r["dynamic"][f"{name}_ms"], spec),
+            Column("ratio", lambda r: r["dynamic_vs_fixed"][name], ".2f"))
+
+
+SWEEP_COLUMNS = (column("model", "model"), column("audio s", "seconds", "g"), column("steps", "steps", "d"),
+                 Column("positions", lambda r: f"{r['fixed']['positions']}/{r['dynamic']['positions']}", ">"),
+                 *sweep_columns("encoder", "encoder ms", ".1f"), *sweep_columns("per_token", "ms/token", ".2f"),
+                 *sweep_columns("latency", "latency ms", ".1f"))
+
+
+def print_tables(models, runs, split, sweep, machine_line):
+    print_table(MODEL_COLUMNS, models, f"models, timed on {machine_line}")
+    print_table(RUN_COLUMNS, runs, "end to end (RTF = seconds / audio seconds; latency per batch, i.e. per "
+                                   "utterance at batch 1)")
+    print_table(SPLIT_COLUMNS, split, "the split (per batch; 1st step = prompt + cross-attention keys/values; "
+                                      "overhead from end to end)")
+    if sweep:
+        print_table(SWEEP_COLUMNS, sweep["rows"], "audio context sweep (batch 1, greedy, the teacher's steps on each "
+                                                  "clip; positions fixed/dynamic; ratio = dynamic / fixed)")
 
 
 def print_summary(runs, teacher_name):
-    """Speed-up of each student over the teacher, and the RTF goal, at greedy batch 1 on the utterances."""
+    """Each student's speed-up over the teacher at greedy, batch 1, on the utterances."""
     headline = [r for r in runs if (r["set"], r["decoder"], r["batch_size"]) == ("utterances", "greedy", 1)]
     if not headline:
         return
@@ -314,12 +488,6 @@ def print_summary(runs, teacher_name):
     for r in headline:
         speedup = "" if r["model"] == teacher_name else f", {r['speedup_vs_teacher']:.2f}x the teacher's speed"
         print(f"  {r['model']}: RTF {r['rtf']:.4f}{speedup} ({length_label(r['forced_length'])})")
-    students = [r for r in headline if r["model"] != teacher_name]
-    if students:
-        best = min(students, key=lambda r: r["rtf"])
-        verdict = "met" if best["rtf"] <= STUDENT_RTF_GOAL else "not met"
-        print(f"  goal RTF <= {STUDENT_RTF_GOAL} for a student (issue; 2 CPU threads): fastest {best['model']} "
-              f"RTF {best['rtf']:.4f}: {verdict} on this device")
 
 
 def report_notes(device):
@@ -332,33 +500,29 @@ def report_notes(device):
         "what it generated",
         f"split: median of repeats on a fixed batch (the first clips); per_token_ms = mean of {STEPS_TIMED} "
         "one-token steps on the KV cache (beam: with the cache reordered each step); overhead_ms_per_step = "
-        "(end to end - log-Mel - encoder - first step - (steps - 1) x per token) / steps over the model's runs",
+        "(end to end - log-Mel - encoder - first step - (steps - 1) x per token) / steps over the model's runs "
+        "(for a model under a dynamic context the encoder's time is the first batch's, whose width others differ "
+        "from: its overhead is rougher)",
         ("peak_mib: torch.cuda.max_memory_allocated minus memory_allocated before the call" if device.type == "cuda"
          else "peak_mib: growth of the process's peak RSS (VmHWM) during the call, page-granular; null off Linux"),
         "speedup_vs_teacher: teacher total_s / this total_s on the same set, decoder and batch size",
+        "audio_context (models): what each model heard in runs and split: {mode: fixed (30 s windows) or dynamic "
+        "(the real length plus margin positions of 20 ms)}, its own or --audio-ctx/--audio-margin "
+        "(audio_context_override); student_checkpoint: the first of student_checkpoints, for older readers",
+        f"audio_context_sweep: batch 1, greedy; each clip the first N seconds of the dev speech end to end; per model "
+        f"and clip, fixed (3000 Mel frames, 1500 positions) vs dynamic (the clip's positions + the model's margin, "
+        f"or default_margin for a fixed model); encoder/first_step/per_token_ms as in split (per_token: mean of "
+        f"{STEPS_TIMED} steps), median of its repeats; latency_ms: transcribe_clips() incl. log-Mel, forced to the "
+        "teacher's free steps on the clip (decoder_steps: what it took), the models and contexts taking turns; "
+        "dynamic_vs_fixed: dynamic ms / fixed ms of each",
     ]
 
 
 # ----------------------------------------------------------------------------- the mode
 
-def settle_defaults(args, device):
-    """Unset flags take the quick values under --quick, else the full run's (CPU: fewer batch sizes and passes)."""
-    if args.quick:
-        for name, value in QUICK.items():
-            if getattr(args, name) is None:
-                setattr(args, name, value)
-    args.teacher = args.teacher or "base"
-    args.utterances = args.utterances or 30
-    args.windows = 4 if args.windows is None else args.windows
-    args.batch_sizes = args.batch_sizes or ([1, 8, 16, 32] if device.type == "cuda" else [1, 8])
-    args.decoders = args.decoders or list(DECODERS)
-    args.repeats = args.repeats or 3
-    args.passes = args.passes or (3 if device.type == "cuda" else 1)
-
-
 def describe_sets(description, utterances, windows):
     sets = {"utterances": (description, utterances),
-            "windows": (f"up to {WINDOW_SECONDS:.0f} s of consecutive utterances of one chapter joined whole, "
+            "windows": (f"up to {CHUNK_LENGTH} s of consecutive utterances of one chapter joined whole, "
                         "the longest such runs", windows)}
     return {name: {"description": text, "n": len(clips), "audio_seconds": sum(c.seconds for c in clips),
                    "ids": [c.id for c in clips]} for name, (text, clips) in sets.items()}
@@ -366,22 +530,33 @@ def describe_sets(description, utterances, windows):
 
 def run(args):
     device = pick_device(args.device)
-    settle_defaults(args, device)
+    settle_defaults(args, device, DEFAULTS, QUICK)
+    args.sweep_repeats = args.sweep_repeats or args.repeats
+    if max(args.sweep_seconds) > CHUNK_LENGTH:
+        raise SystemExit(f"--sweep-seconds: clips of at most {CHUNK_LENGTH} s, got {max(args.sweep_seconds)}")
     utterances, windows, description = load_clips(args.data, args.speakers, args.utterances, args.windows)
     contenders = load_contenders(args, device, DTYPES[args.dtype] if args.dtype else None)
     teacher = contenders[0]
     header = report_header("models", device)
-    print(f"device: {header['device_name']}; torch {torch.__version__}; dtype {teacher.model.dtype}")
+    print(f"{machine(header)}; dtype {teacher.model.dtype}")
     print(f"utterances: {description}: {sum(c.seconds for c in utterances):.1f} s")
-    print(f"windows: {len(windows)} of up to {WINDOW_SECONDS:.0f} s (consecutive utterances joined)"
+    print(f"windows: {len(windows)} of up to {CHUNK_LENGTH} s (consecutive utterances joined)"
           + (f": {', '.join(f'{c.seconds:.1f}' for c in windows)} s" if windows else ""))
     print(f"batch sizes {args.batch_sizes} (windows: 1); decoders {args.decoders}; warm-up {args.warmup}, "
           f"median of {args.repeats} (split), {args.passes} timed pass(es) (end to end)")
 
     runs = end_to_end(contenders, utterances, windows, args, device)
     split = the_split(contenders, utterances, runs, args, device)
+    sweep = None
+    if not args.no_context_sweep:
+        margin = SWEEP_MARGIN if args.audio_margin is None else args.audio_margin
+        clips = speech_cuts(windows + utterances, args.sweep_seconds)
+        sweep = {"seconds": args.sweep_seconds, "repeats": args.sweep_repeats, "warmup": args.warmup,
+                 "default_margin": margin, "steps_timed": STEPS_TIMED,
+                 "speech": "the first N s of the windows, then the utterances (sets), played end to end",
+                 "rows": context_sweep(contenders, clips, margin, args, device)}
     models = [model_row(c) for c in contenders]
-    print_tables(models, runs, split)
+    print_tables(models, runs, split, sweep, machine(header))
     print_summary(runs, teacher.name)
     title = f"{header['device_name']}, {teacher.model.dtype}: teacher {args.teacher} and students"
     plot, plot_note = plot_runs(runs, args.plot, title)
@@ -389,9 +564,12 @@ def run(args):
 
     report = header
     report.update(
-        teacher=args.teacher, student_checkpoint=args.student, dtype=str(teacher.model.dtype), quick=args.quick,
+        teacher=args.teacher, student_checkpoint=(args.student or [None])[0], student_checkpoints=args.student or [],
+        audio_context_override=(None if args.audio_ctx is None and args.audio_margin is None
+                                else {"mode": args.audio_ctx, "margin": args.audio_margin}),
+        dtype=str(teacher.model.dtype), quick=args.quick,
         sets=describe_sets(description, utterances, windows), batch_sizes=args.batch_sizes, decoders=args.decoders,
         warmup=args.warmup, repeats=args.repeats, passes=args.passes, steps_timed=STEPS_TIMED,
-        student_rtf_goal=STUDENT_RTF_GOAL, models=models, runs=runs, split=split, plot=plot, plot_note=plot_note,
+        models=models, runs=runs, split=split, audio_context_sweep=sweep, plot=plot, plot_note=plot_note,
         notes=report_notes(device))
     write_json(report, args.json)

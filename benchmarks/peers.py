@@ -1,7 +1,7 @@
 """`python bench.py peers`: the same utterances and the same weights through other Whisper engines.
 
-    python bench.py peers                            # base, every engine that is installed
-    python bench.py peers --quick --peers openai     # CI: tiny.en, 3 utterances, openai-whisper only
+    python bench.py peers                            # every engine that is installed
+    python bench.py peers --quick --peers openai     # CI-sized (QUICK below), openai-whisper only
 
 Engines; every peer is optional, and one that is not installed is a row saying so, never a crash:
   ours                         transcribe_clips(), the teacher decoded as in `python bench.py`
@@ -15,8 +15,8 @@ Engines; every peer is optional, and one that is not installed is a row saying s
 Every engine goes from the waveform to text with its own front end, greedy, temperature 0 only (no fallback), no
 timestamps, English. Engines that take one utterance per call run at batch 1 only (batch 1 always runs). All
 engines run one after the other, each in a fresh process of its own (see measure_engines for why); per batch size,
-each decodes batch 0 untimed (its peak memory is recorded), then --passes timed passes; per batch the median. WER is against the references and against our transcripts ("vs ours"): on the same
-weights they should agree.
+each decodes batch 0 untimed (its peak memory is recorded), then --passes timed passes; per batch the median.
+WER is against the references and against our transcripts ("vs ours"): on the same weights they should agree.
 """
 import concurrent.futures
 import functools
@@ -34,9 +34,9 @@ from typing import Callable, List
 import torch
 
 from audio import SAMPLE_RATE
-from bench_common import (
-    full_batches, load_clips, number, one_line, pick_device, plot_runs, print_heading, report_header, run_summary,
-    time_in_turns, write_json,
+from benchmarks.common import (
+    ByDevice, Column, column, full_batches, load_clips, machine, one_line, pick_device, plot_runs, print_table,
+    report_header, run_summary, settle_defaults, time_in_turns, write_json,
 )
 from decoding import NO_FALLBACK, DecodingOptions, suppressed_tokens
 from evaluate import word_error_rate
@@ -46,9 +46,13 @@ from tokenizer import tokenizer_for
 from transcribe import transcribe_clips
 from weights import HF_BLOCK_NAMES, HF_TOP_NAMES, find_model_files
 
-# What --quick changes: tiny.en, a few utterances, batch 1 and 2.
-QUICK = {"model": "tiny.en", "utterances": 3, "batch_sizes": [1, 2], "passes": 1}
 PEERS = ("openai", "transformers", "faster")  # --peers choices; ours always runs
+# Every default of the mode, read by both the flags' help (bench.py) and settle_defaults; --dtype defaults to
+# load.default_dtype. Batch 1 always runs.
+DEFAULTS = {"model": "base", "utterances": 30, "batch_sizes": ByDevice([1, 16], [1]), "passes": ByDevice(3, 1),
+            "peers": list(PEERS), "json": "bench-peers.json", "plot": "bench-peers.png"}
+# What --quick changes: a CI-sized run.
+QUICK = {"model": "tiny.en", "utterances": 3, "batch_sizes": [1, 2], "passes": 1}
 MAX_NEW_TOKENS = 224  # ours and openai-whisper stop at half the text context
 
 ROW_FIELDS = ("model", "package", "version", "status", "set", "decoder", "batch_size", "n_items",
@@ -326,47 +330,37 @@ def compare_with_ours(rows):
             row["time_vs_ours"] = row["total_s"] / mine["total_s"]
 
 
-def print_table(rows):
-    header = (f"{'engine':26s} {'version':10s} {'batch':>5s} {'RTF':>7s} {'audio s/s':>9s} {'median ms':>10s} "
-              f"{'p90 ms':>9s} {'peak MiB':>8s} {'WER %':>6s} {'vs ours %':>9s} {'time/ours':>9s}")
-    print_heading(header)
-    for r in rows:
-        start = f"{r['model']:26s} {r['version'] or '-':10s} {r['batch_size']:5d}"
-        if r["status"] != "ok":
-            print(f"{start} {r['status']}")
-            continue
-        print(f"{start} {r['rtf']:7.4f} {r['audio_s_per_s']:9.2f} {r['latency_ms_median']:10.1f} "
-              f"{r['latency_ms_p90']:9.1f} {number(r['peak_mib'], '8.0f')} {100 * r['wer']:6.2f} "
-              f"{100 * r['wer_vs_ours']:9.2f} {r['time_vs_ours']:8.2f}x")
+COLUMNS = (column("engine", "model"), Column("version", lambda r: r["version"] or "-"),
+           column("batch", "batch_size", "d"), column("RTF", "rtf", ".4f"), column("audio s/s", "audio_s_per_s", ".2f"),
+           column("median ms", "latency_ms_median", ".1f"), column("p90 ms", "latency_ms_p90", ".1f"),
+           column("peak MiB", "peak_mib", ".0f"), Column("WER %", lambda r: percent(r["wer"]), ".2f"),
+           Column("vs ours %", lambda r: percent(r["wer_vs_ours"]), ".2f"),
+           column("time/ours", "time_vs_ours", lambda v: f"{v:.2f}x"))
+
+
+def percent(fraction):
+    return None if fraction is None else 100 * fraction
 
 
 def print_summary(rows):
-    """The issue's goal: our RTF at or below faster-whisper's (float32 on CPU), greedy, batch 1."""
+    """Our RTF beside faster-whisper's at batch 1, greedy: the engine people pick for speed on CPU."""
     at_1 = {r["model"]: r for r in rows if r["batch_size"] == 1 and r["status"] == "ok"}
     if "ours" not in at_1:
         return
     print(f"\nbatch 1: ours RTF {at_1['ours']['rtf']:.4f}")
     for name in ("faster-whisper float32", "faster-whisper float16", "faster-whisper int8"):
         if name in at_1:
-            verdict = "at or below" if at_1["ours"]["rtf"] <= at_1[name]["rtf"] else "above"
-            print(f"  {name}: RTF {at_1[name]['rtf']:.4f}: ours is {verdict} it ({at_1[name]['time_vs_ours']:.2f}x "
-                  "our time)")
+            print(f"  {name}: RTF {at_1[name]['rtf']:.4f}, {at_1[name]['time_vs_ours']:.2f}x our time")
 
 
 def run(args):
     device = pick_device(args.device)
-    if args.quick:
-        for name, value in QUICK.items():
-            if getattr(args, name) is None:
-                setattr(args, name, value)
-    args.model = args.model or "base"
-    args.batch_sizes = sorted(set(args.batch_sizes or ([1, 16] if device.type == "cuda" else [1])) | {1})
-    args.passes = args.passes or (3 if device.type == "cuda" else 1)
-    args.peers = args.peers or list(PEERS)
-    utterances, _, description = load_clips(args.data, args.speakers, args.utterances or 30, 0)
+    settle_defaults(args, device, DEFAULTS, QUICK)
+    args.batch_sizes = sorted(set(args.batch_sizes) | {1})
+    utterances, _, description = load_clips(args.data, args.speakers, args.utterances, 0)
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     header = report_header("peers", device)
-    print(f"device: {header['device_name']}; torch {torch.__version__}; dtype {dtype}; model {args.model}")
+    print(f"{machine(header)}; dtype {dtype}; model {args.model}")
     print(f"utterances: {description}: {sum(c.seconds for c in utterances):.1f} s")
     print(f"batch sizes {args.batch_sizes} (engines that take one utterance per call: 1); peers {args.peers}; "
           f"{args.passes} timed pass(es) after a warm-up batch")
@@ -374,7 +368,8 @@ def run(args):
     chosen = [e for e in engines(device) if e.peer == "ours" or e.peer in args.peers]
     rows = measure_engines(chosen, args.model, dtype, utterances, args.batch_sizes, args.passes, device)
     compare_with_ours(rows)
-    print_table(rows)
+    print_table(COLUMNS, rows, f"engines on {machine(header)}", lead=3,
+                why_not=lambda r: r["status"] if r["status"] != "ok" else None)
     print_summary(rows)
     title = f"{header['device_name']}, {dtype}: {args.model}, same weights in every engine"
     plot, plot_note = plot_runs([r for r in rows if r["status"] == "ok"], args.plot, title)
