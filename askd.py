@@ -139,8 +139,8 @@ class ASKDSchedule:
 
 
 def label_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy over the positions that have a label. logits (B, T, V), labels (B, T)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+    """Mean cross-entropy over the positions that have a label. logits (..., V), labels (...)."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE)
 
 
 def top_k_kl_div(student_logits: Tensor, top_values: Tensor, top_ids: Tensor, teacher_lse: Tensor,
@@ -186,18 +186,19 @@ def distillation_loss(
 ) -> Dict[str, Tensor]:
     """ce_weight * CE(labels, student) + soft_weight * T^2 * KL(soft || softmax(student / T)).
 
-    student_logits (B, T, V); labels (B, T) with IGNORE where no loss is taken; the KL is averaged over
-    the same labelled positions as the CE.
+    student_logits (B, T, V) with labels (B, T) holding IGNORE where no loss is taken, or only the
+    labelled positions: (n, V) with labels (n,). The KL is averaged over the same labelled positions as the
+    CE; soft logits have the student's shape.
     """
     ce = label_loss(student_logits, labels)
     total = ce_weight * ce
     kl = torch.zeros((), device=ce.device)
     if soft is not None and soft_weight > 0:
         mask = labels.flatten() != IGNORE
+        rows = student_logits.flatten(0, -2)  # (N, V)
         if soft.logits is not None:
-            kl = kl_div(student_logits.flatten(0, 1), soft.logits.flatten(0, 1).detach(), temperature, mask)
+            kl = kl_div(rows, soft.logits.flatten(0, -2).detach(), temperature, mask)
         else:
-            kl = top_k_kl_div(student_logits.flatten(0, 1)[mask], soft.top_values, soft.top_ids, soft.teacher_lse,
-                              temperature)
+            kl = top_k_kl_div(rows[mask], soft.top_values, soft.top_ids, soft.teacher_lse, temperature)
         total = total + soft_weight * kl
     return dict(loss=total, ce=ce, kl=kl)

@@ -388,6 +388,12 @@ class TextDecoder(nn.Module):
         """tokens (B, T) after the `cache.length` already seen; audio (B, S, D) with each row's positions
         holding audio in audio_lengths (B,) (None: all) -> logits (B, T, n_vocab) float32. With a cache,
         the audio's mask is kept from the first call, as its keys and values are."""
+        return self.logits_of(self.hidden(tokens, audio, cache, audio_lengths))
+
+    def hidden(self, tokens: Tensor, audio: Tensor, cache: Optional[KVCache] = None,
+               audio_lengths: Optional[Tensor] = None) -> Tensor:
+        """The last block's output (B, T, D), before the final norm and the output projection: training
+        projects only the positions that carry a loss (logits_of), the largest product of a step."""
         offset = cache.length if cache is not None else 0
         n_ctx = self.positional_embedding.shape[0]
         if offset + tokens.shape[1] > n_ctx:
@@ -399,7 +405,7 @@ class TextDecoder(nn.Module):
             x = block(x, audio, cache=cache, layer=layer, audio_mask=audio_mask)
         if cache is not None:
             cache.length += tokens.shape[1]
-        return self._logits(x)
+        return x
 
     def step(self, tokens: Tensor, position: Tensor, cache: KVCache) -> Tensor:
         """One token per row at `position` (a (1,) tensor), with every shape fixed: the same kernels
@@ -409,7 +415,7 @@ class TextDecoder(nn.Module):
         x = x.to(cache.keys.dtype)
         for layer, block in enumerate(self.blocks):
             x = block(x, None, cache=cache, layer=layer, position=position, audio_mask=cache.audio_mask)
-        return self._logits(x)
+        return self.logits_of(x)
 
     @staticmethod
     def _audio_mask(audio: Tensor, cache: Optional[KVCache], audio_lengths: Optional[Tensor]) -> Optional[Tensor]:
@@ -423,7 +429,8 @@ class TextDecoder(nn.Module):
             return cache.audio_mask
         return mask
 
-    def _logits(self, x: Tensor) -> Tensor:
+    def logits_of(self, x: Tensor) -> Tensor:
+        """Hidden states (..., D) -> logits (..., n_vocab) float32."""
         x = self.ln(x)
         # The output projection is tied to the token embedding.
         return linear(x, self.token_embedding.weight, None, self.onednn).float()

@@ -215,7 +215,7 @@ def teacher_top_k(teacher: Whisper, tokenizer: Tokenizer, x: Labelled, labels: A
     """The teacher's k largest logits (and their token ids) at each labelled position of the target,
     teacher-forced on its own 30 s encoder output: (n_labels, k) float16 and int32; and the log-normaliser
     of each full row at 1 and at the temperature (n_labels,) float32, so the kept probabilities are exact."""
-    features = torch.from_numpy(np.asarray(labels.load(x.item)["teacher_features"])).to(teacher.device, teacher.dtype)
+    features = torch.from_numpy(np.array(labels.load(x.item)["teacher_features"])).to(teacher.device, teacher.dtype)
     tokens, targets = training_tokens(tokenizer, x.tokens, x.example.timestamps)
     logits = teacher.logits(torch.tensor([tokens], device=teacher.device), features[None])[0]  # (T, V)
     logits = logits[torch.tensor(targets) != IGNORE_LABEL]  # (n_labels, V)

@@ -35,6 +35,7 @@ from tokenizer import Tokenizer
 from transcribe import clip_mels, frames_of_samples
 
 GREEDY = DecodingOptions(language="en", without_timestamps=True)
+SECONDS_PER_POSITION = 0.02  # an encoder position: two 10 ms Mel frames
 TEACHER_ARRAYS = ("top_values", "top_ids", "lse_1", "lse_t")  # per labelled token: see prepare.teacher_top_k
 
 
@@ -98,8 +99,10 @@ def collate_prepared(items: List[Optional[dict]], pad_token: int = 50256) -> dic
         batch.update(features=features, positions=torch.tensor(positions))
     else:
         batch["audio"] = [item["audio"] for item in good]
-    batch["audio_s"] = sum(float(p) * 0.02 for p in batch["positions"]) if "positions" in batch else \
-        sum(len(a) / SAMPLE_RATE for a in batch["audio"])
+    if "positions" in batch:  # the audio under the cached features: positions less the margin, 20 ms each
+        batch["audio_s"] = sum((p - m) * SECONDS_PER_POSITION for p, m in zip(positions, batch["margins"]))
+    else:
+        batch["audio_s"] = sum(len(a) / SAMPLE_RATE for a in batch["audio"])
     return batch
 
 
@@ -116,6 +119,8 @@ class StudentForward(nn.Module):
         self.frozen = frozen_encoder_layers  # None: the whole student runs from the log-Mel
 
     def forward(self, batch: dict) -> Tensor:
+        """Logits (n_labels, V) at the positions that carry a label, in row-major order: padding and the
+        prompt are never projected onto the vocabulary (the step's largest product)."""
         student, positions = self.student, batch["positions"]
         if self.frozen is None:
             features = student.encoder(batch["mel"], positions)
@@ -124,7 +129,8 @@ class StudentForward(nn.Module):
             features = student.encoder.run_blocks(batch["features"], mask, first=self.frozen)
         else:
             features = batch["features"]
-        return student.decoder(batch["tokens"], features, audio_lengths=positions)  # (B, T, V)
+        hidden = student.decoder.hidden(batch["tokens"], features, audio_lengths=positions)  # (B, T, D)
+        return student.decoder.logits_of(hidden[batch["labels"] != IGNORE_LABEL])  # (n_labels, V)
 
 
 def live_encoder_input(batch: dict, student: Whisper, device, augment: bool, generator: torch.Generator):
@@ -272,7 +278,8 @@ class Trainer:
         logits = self.model(batch)
         clock["forward"] += time.perf_counter() - tick
         tick = time.perf_counter()
-        losses = distillation_loss(logits, batch["labels"], soft, self.schedule.soft_weight(progress),
+        labels = batch["labels"][batch["labels"] != IGNORE_LABEL]  # (n_labels,), the order of the logits
+        losses = distillation_loss(logits, labels, soft, self.schedule.soft_weight(progress),
                                    self.schedule.ce_weight(), self.config.temperature)
         clock["loss"] += time.perf_counter() - tick
         tick = time.perf_counter()
