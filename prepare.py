@@ -56,12 +56,13 @@ def plan_examples(utterances: Sequence[Utterance], timestamp_share: float, windo
     examples = [Example(u.id, (u.audio,), u.text, timestamp_share_picks(u.id, timestamp_share)) for u in utterances]
     if windows == 0:
         return examples
-    sized = []
+    sized = []  # (utterance, its length in samples at 16 kHz), read from the headers only
     for u in utterances:
         try:
-            sized.append((u, soundfile.info(str(u.audio)).frames * SAMPLE_RATE // soundfile.info(str(u.audio)).samplerate))
+            info = soundfile.info(str(u.audio))
         except (RuntimeError, OSError):  # unreadable: labelling reports it; it joins no window
             continue
+        sized.append((u, info.frames * SAMPLE_RATE // info.samplerate))
     for run in window_runs([(u.id, n) for u, n in sized], windows):
         if len(run) < 2:
             continue  # a single utterance is already an example
