@@ -11,7 +11,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -109,18 +109,22 @@ def _read_sidecar_folder(folder: Path) -> List[Utterance]:
 IGNORE_LABEL = -100  # label of positions that carry no loss (the prompt, padding)
 
 
-def training_tokens(tokenizer, target: List[int], timestamps: bool = False,
+def training_tokens(tokenizer, target: List[int], timestamps: bool = False, prompt: Sequence[int] = (),
                     max_length: int = 448) -> Tuple[List[int], List[int]]:
     """Decoder input and labels for a target's token ids (text, or text and timestamp tokens), with
-    Whisper's prompt: <|notimestamps|> ends it unless the target carries timestamps.
+    Whisper's start: <|notimestamps|> ends it unless the target carries timestamps. A prompt (the text
+    before the audio, as transcribe() gives each window after the first) goes in front, after <|startofprev|>.
 
-    input:  <|sot|> [lang task] [<|notimestamps|>] t1 ... tn
-    labels:   -     ...               t1           t2 ... eot     (the prompt itself carries no loss)
+    input:  [<|startofprev|> p1 ... pm] <|sot|> [lang task] [<|notimestamps|>] t1 ... tn
+    labels:   -                  ...       -    ...               t1           t2 ... eot
+    (the prompt and the start carry no loss)
     """
-    prompt = list(tokenizer.sot_sequence if timestamps else tokenizer.sot_sequence_including_notimestamps)
-    target = list(target)[: max_length - len(prompt)]
-    tokens = prompt + target
-    labels = [IGNORE_LABEL] * (len(prompt) - 1) + target + [tokenizer.eot]
+    start = list(tokenizer.sot_sequence if timestamps else tokenizer.sot_sequence_including_notimestamps)
+    if prompt:
+        start = [tokenizer.sot_prev, *prompt] + start
+    target = list(target)[: max_length - len(start)]
+    tokens = start + target
+    labels = [IGNORE_LABEL] * (len(start) - 1) + target + [tokenizer.eot]
     return tokens, labels
 
 
@@ -179,22 +183,23 @@ class Window:
     text: str  # their transcripts joined by spaces, so the reference stays exact
 
 
+def chapter_of(utterance_id: str) -> str:
+    """A LibriSpeech id is speaker-chapter-n: its chapter is all but n."""
+    return utterance_id.rsplit("-", 1)[0]
+
+
 def window_runs(utterances: List[Tuple[str, int]], n: Optional[int] = None,
                 max_samples: int = N_SAMPLES) -> List[List[int]]:
     """Which utterances to join: the n longest runs (all, if n is None) of consecutive (id, n_samples)
     utterances of one chapter that fit in max_samples (Whisper's 30 s window), as index lists in id
-    order. Utterances are taken whole, in the order given; a LibriSpeech id is speaker-chapter-n, so its
-    chapter is all but n."""
-    def chapter(utt_id):
-        return utt_id.rsplit("-", 1)[0]
-
+    order. Utterances are taken whole, in the order given (chapter_of tells their chapter)."""
     def samples(run):
         return sum(utterances[i][1] for i in run)
 
     runs = []
     for index, (utt_id, length) in enumerate(utterances):
         run = runs[-1] if runs else []
-        if run and chapter(utterances[run[-1]][0]) == chapter(utt_id) and samples(run) + length <= max_samples:
+        if run and chapter_of(utterances[run[-1]][0]) == chapter_of(utt_id) and samples(run) + length <= max_samples:
             run.append(index)
         else:
             runs.append([index])

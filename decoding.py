@@ -254,15 +254,25 @@ def _as_tokens(tokenizer: Tokenizer, text_or_tokens) -> List[int]:
     return list(text_or_tokens)
 
 
+def sample_length(options: DecodingOptions, n_ctx: int) -> int:
+    """The most tokens one window may produce: a window that reaches it has looped or been cut."""
+    return options.sample_len or n_ctx // 2
+
+
+def prompt_limit(n_ctx: int) -> int:
+    """How many of the latest prompt (or prefix) tokens the decoder is given: half its context, as Whisper."""
+    return n_ctx // 2 - 1
+
+
 def initial_tokens(tokenizer: Tokenizer, options: DecodingOptions, n_ctx: int) -> List[int]:
     """[<|startofprev|> prompt] <|startoftranscript|> [language task] [<|notimestamps|>] [prefix]."""
     tokens = list(tokenizer.sot_sequence)
     if options.without_timestamps:
         tokens.append(tokenizer.no_timestamps)
     if options.prefix:
-        tokens += _as_tokens(tokenizer, options.prefix)[-(n_ctx // 2 - 1) :]
+        tokens += _as_tokens(tokenizer, options.prefix)[-prompt_limit(n_ctx) :]
     if options.prompt:
-        prompt = _as_tokens(tokenizer, options.prompt)[-(n_ctx // 2 - 1) :]
+        prompt = _as_tokens(tokenizer, options.prompt)[-prompt_limit(n_ctx) :]
         tokens = [tokenizer.sot_prev] + prompt + tokens
     return tokens
 
@@ -294,7 +304,7 @@ def decode(model: Whisper, mel: Optional[Tensor], options: DecodingOptions = Dec
     prompts = [initial_tokens(t, options, n_ctx) for t in tokenizers]
     sample_begin = len(prompts[0])
     sot_index = prompts[0].index(tokenizer.sot)
-    sample_len = options.sample_len or n_ctx // 2
+    sample_len = sample_length(options, n_ctx)
     n_group = options.beam_size or options.best_of or 1
 
     filters = _logit_filters(tokenizer, options, sample_begin)

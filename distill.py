@@ -8,14 +8,17 @@
 Steps (prepare.py, then training.py):
 1. label: the teacher transcribes every training example on its 30 s window: the utterances of --data
    (minus the dev speakers; unlabeled sources too) and real 30 s windows of consecutive utterances. A
-   share of the targets keeps the teacher's timestamp tokens. Pseudo-labels far from a reference are dropped.
+   share of the targets keeps the teacher's timestamp tokens, and a share is prompted with the teacher's
+   text of the utterances before it (as transcribe() prompts each window). Pseudo-labels far from a
+   reference are dropped.
 2. cache: the teacher's top-k logits on each target, and the frozen encoder's output on the real length
    of the audio plus a few margins; both on disk (--cache), keyed and resumable.
 3. train: the student (the teacher's encoder, frozen, and --decoder-layers of its decoder) with the loss of
    --method, on the cached data; the dev WER now and then; the best student kept as OUT/student.pt,
    which transcribe.py, evaluate.py and bench.py load with its audio-context policy (the real length + margin).
 OUT/checkpoint.pt holds the training state; it is written atomically, periodically, on SIGINT/SIGTERM and at
---max-minutes, and --resume continues from it with the same results as an unbroken run.
+the end, and --resume continues from it with the same results as an unbroken run. --max-minutes ends a run
+early as its last step would (dev WER, student kept, closing report).
 """
 import argparse
 import json
@@ -34,19 +37,21 @@ from askd import ASKDConfig
 from audio import load_audio
 from cache import ArrayCache
 from data import DEV_SPEAKERS, data_root, list_utterances
+from decoding import NO_FALLBACK
+from evaluate import long_form
 from load import atomic_save, default_device, load_model, save_checkpoint
 from model import AudioContext
 from prepare import (
-    TargetSettings, cache_targets, filter_by_wer, label_examples, labelling_key, plan_examples, targets_key,
-    training_utterances,
+    TargetSettings, attach_prompts, cache_targets, filter_by_wer, label_examples, labelling_key, plan_examples,
+    targets_key, training_utterances,
 )
 from student import make_student
 from tokenizer import tokenizer_for
 from training import GREEDY, PreparedDataset, Trainer, TrainSettings, dev_scorer
 from transcribe import transcribe, transcribe_clips
-from decoding import NO_FALLBACK
 
 SHOWCASE_AUDIO = "longform/jfk.flac"  # under the data folder: transcribed by teacher and student at the end
+LONG_FORM = "longform"  # under the data folder: recordings of minutes, scored window by window at the end
 DEFAULT_DATA = ("train-clean-5", "unlabeled/train-clean-100")  # under the data folder
 
 
@@ -77,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-data", nargs="*", default=None, help="dev folder(s)/manifest(s); default: the excluded "
                                                                "speakers of the first --data source")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N dev utterances only")
+    p.add_argument("--long-form", default=str(data_root() / LONG_FORM), help="recordings (with transcripts) that "
+                   "teacher and student transcribe window by window at the end, about a minute each with tiny.en; "
+                   "'' skips them")
     p.add_argument("--out", default="runs/distill", help="output folder")
     p.add_argument("--cache", default=None, help="cache folder for labels and targets (default: OUT/cache); runs "
                                                  "with the same teacher and settings can share one")
@@ -97,6 +105,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     targets = p.add_argument_group("targets")
     targets.add_argument("--timestamp-share", type=float, default=0.5,
                          help="share of utterances whose target keeps the teacher's timestamps (windows always do)")
+    targets.add_argument("--prompt-share", type=float, default=0.5,
+                         help="share of examples prompted with the teacher's text of the audio before them, as "
+                              "transcribe() prompts each window with the text so far (without: long-form loops)")
     targets.add_argument("--windows", type=int, default=100, help="real 30 s windows of consecutive utterances added")
     targets.add_argument("--wer-filter", type=float, default=0.2, help="drop pseudo-labels whose WER against the "
                                                                        "reference is above this")
@@ -112,8 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                  "(with --trainable-encoder-layers -1 only)")
     opt.add_argument("--max-steps", type=int, default=None, help="optimiser steps (default: from --epochs)")
     opt.add_argument("--epochs", type=float, default=6)
-    opt.add_argument("--max-minutes", type=float, default=0, help="stop (and save) after this many minutes of "
-                                                                 "training; 0: no limit")
+    opt.add_argument("--max-minutes", type=float, default=0, help="end training after this many minutes, as the "
+                     "last step would (dev WER, student kept, closing report); 0: no limit")
     book = p.add_argument_group("bookkeeping")
     book.add_argument("--eval-every", type=int, default=0, help="steps between dev evaluations (0: only at the end; "
                                                                 "each costs about a minute with tiny.en)")
@@ -203,14 +214,16 @@ def prepare(args, teacher, student, tokenizer, rank, world, log):
     started = time.time()
     for turn in range(2 if world > 1 else 1):  # under torchrun: rank 0 first, then the others read
         if (rank == 0) == (turn == 0):
-            labelled, counts = label_examples(teacher, examples, labels, args.batch_size, log)
-            labelled, counts["filtered_by_wer"] = filter_by_wer(labelled, args.wer_filter)
+            everything, counts = label_examples(teacher, examples, labels, args.batch_size, log)
+            labelled, counts["filtered_by_wer"] = filter_by_wer(everything, args.wer_filter)
+            labelled = attach_prompts(labelled, everything, args.prompt_share, teacher.dims.n_text_ctx)
             cached = set(cache_targets(teacher, student, tokenizer, labelled, labels, targets, settings, log))
-            labelled = [x for x in labelled if x.item in cached]
+            labelled = [x for x in labelled if x.target_item in cached]
         if world > 1:
             dist.barrier()
     counts.update(examples_kept=len(labelled), windows=sum(len(x.example.audio) > 1 for x in labelled),
-                  timestamped=sum(x.example.timestamps for x in labelled), preparation_s=round(time.time() - started, 1))
+                  timestamped=sum(x.example.timestamps for x in labelled),
+                  prompted=sum(bool(x.prompt) for x in labelled), preparation_s=round(time.time() - started, 1))
     return labelled, targets, settings, counts
 
 
@@ -236,18 +249,35 @@ def speed_up(teacher, student, clips, rounds: int = 2) -> float:
 
 
 def closing_report(args, teacher, out: Path, dev, log):
-    """The teacher's and the kept student's dev WER, the student's speed-up, and both on a familiar recording."""
+    """The kept student's speed-up over the teacher, and both on long recordings and a familiar one."""
     student = load_model(out / "student.pt", device=teacher.device, dtype=torch.float32)
     clips = [load_audio(u.audio) for u in dev[:: max(len(dev) // 8, 1)][:8]]
     if clips:
         log(f"measuring the student's speed-up over the teacher on {len(clips)} dev clips (batch 1, float32)")
         ratio = speed_up(teacher, student, clips)
         log(f"student speed-up over the teacher: {ratio:.2f}x", speed_up=ratio)
+    long_form_report(teacher, student, args.long_form, log)
     path = data_root() / SHOWCASE_AUDIO
     if path.exists():
         audio = load_audio(path)
         for name, model in (("teacher", teacher), ("student", student)):
             log(f"{name} on {SHOWCASE_AUDIO}: {transcribe(model, audio, GREEDY, NO_FALLBACK)['text'].strip()}")
+
+
+def long_form_report(teacher, student, folder: str, log):
+    """Both models on the long recordings with transcripts, as transcribe.py --no-fallback runs them: a
+    student that loops on a window (reaches the token limit) shows here, not on the short dev clips."""
+    if not folder:
+        return
+    folder = Path(folder)
+    recordings = [u for u in list_utterances(folder) if u.text is not None] if folder.is_dir() else []
+    if not recordings:
+        log(f"warning: no long recordings with transcripts in {folder}: long-form not measured")
+        return
+    for name, model in (("teacher", teacher), ("student", student)):
+        report = long_form(model, recordings)
+        log(f"{name} on {folder.name}/ ({len(recordings)} recordings, no fallback): WER {100 * report['wer']:.2f}%, "
+            f"{report['at_limit']} windows at the token limit", **{f"{name}_long_form": report})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +329,7 @@ def main(argv=None):
     if args.resume:
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
         for key in ("teacher", "method", "decoder_layers", "encoder_layers", "trainable_encoder_layers", "batch_size",
-                    "seed", "grad_accum"):
+                    "seed", "grad_accum", "prompt_share"):
             if state["args"].get(key) != getattr(args, key):
                 raise SystemExit(f"error: --{key.replace('_', '-')} is {getattr(args, key)!r} but the checkpoint "
                                  f"was made with {state['args'].get(key)!r}")

@@ -98,6 +98,24 @@ def evaluate(
     return report
 
 
+def long_form(model: Whisper, recordings: List[Utterance], options: DecodingOptions = DecodingOptions(language="en"),
+              rules: FallbackRules = NO_FALLBACK) -> dict:
+    """Recordings transcribed as a user would (transcribe(): 30 s windows, each prompted with the text
+    before it; no fallback by default, so nothing hides a loop): the WER over all of them, and for each
+    its WER, windows, and windows that reached the token limit (a loop)."""
+    scored = [u for u in recordings if u.text is not None]
+    texts, each = [], {}
+    for u in scored:
+        result = transcribe(model, load_audio(u.audio), options, rules)
+        texts.append(result["text"].strip())
+        windows = result["windows"]
+        each[u.id] = dict(wer=word_error_rate([u.text], [texts[-1]])["wer"], windows=len(windows),
+                          at_limit=sum(w["at_limit"] for w in windows),
+                          max_tokens=max((w["tokens"] for w in windows), default=0))
+    total = word_error_rate([u.text for u in scored], texts)["wer"] if scored else None
+    return dict(wer=total, at_limit=sum(r["at_limit"] for r in each.values()), recordings=each)
+
+
 def _utterance_report(utt: Utterance, hypothesis: str) -> dict:
     reference, normalised = normalize(utt.text), normalize(hypothesis)
     wer = jiwer.wer(reference, normalised) if reference.strip() else None

@@ -2,6 +2,7 @@
 
     examples = plan_examples(...)                  # utterances, plus real 30 s windows of joined utterances
     labels = label_examples(teacher, examples, ...)  # 1. the teacher's transcripts and its 30 s encoder output
+    labels = attach_prompts(labels, ...)             #    some get the teacher's text of what came before
     targets = cache_targets(teacher, labels, ...)    # 2. its top-k logits on them, and the frozen encoder's
                                                      #    output on the real length (a few margins)
 Each step fills an ArrayCache (cache.py): resumable after a kill, keyed on the teacher's weights and the
@@ -15,7 +16,8 @@ ids): the full rows would take ~100 KB per token.
 """
 import hashlib
 import sys
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -26,8 +28,8 @@ from tqdm import tqdm
 
 from audio import HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE, AudioError, load_audio
 from cache import ArrayCache, fingerprint_files, fingerprint_model
-from data import IGNORE_LABEL, Utterance, list_utterances, training_tokens, window_runs
-from decoding import DecodingOptions, FallbackRules, decode_with_fallback
+from data import IGNORE_LABEL, Utterance, chapter_of, list_utterances, training_tokens, window_runs
+from decoding import DecodingOptions, FallbackRules, decode_with_fallback, prompt_limit
 from evaluate import word_error_rate
 from model import AudioContext, Whisper
 from tokenizer import Tokenizer
@@ -43,17 +45,17 @@ class Example:
     timestamps: bool  # whether its target carries the teacher's timestamp tokens
 
 
-def timestamp_share_picks(example_id: str, share: float) -> bool:
-    """Whether an utterance gets a timestamped target: a fixed hash of its id, so every run (and seed)
-    asks the teacher for the same targets and shares one cache."""
-    bucket = int(hashlib.sha256(example_id.encode()).hexdigest()[:8], 16) / 16**8
+def share_picks(example_id: str, share: float, salt: str = "") -> bool:
+    """Whether an example is among a share of them (timestamped targets, prompts): a fixed hash of its id,
+    so every run (and seed) asks the teacher for the same targets and shares one cache."""
+    bucket = int(hashlib.sha256((example_id + salt).encode()).hexdigest()[:8], 16) / 16**8
     return bucket < share
 
 
 def plan_examples(utterances: Sequence[Utterance], timestamp_share: float, windows: Optional[int]) -> List[Example]:
     """Every utterance as an example, plus up to `windows` real 30 s windows: runs of consecutive utterances
     of one chapter joined end to end (they teach long-form transcription: full windows and timestamps)."""
-    examples = [Example(u.id, (u.audio,), u.text, timestamp_share_picks(u.id, timestamp_share)) for u in utterances]
+    examples = [Example(u.id, (u.audio,), u.text, share_picks(u.id, timestamp_share)) for u in utterances]
     if windows == 0:
         return examples
     sized = []  # (utterance, its length in samples at 16 kHz), read from the headers only
@@ -104,12 +106,20 @@ def labelling_key(teacher: Whisper) -> dict:
                 sample_rate=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP_LENGTH, decoding=LABEL_OPTIONS, version=1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Labelled:
     example: Example
-    item: str
+    item: str  # its name in the labels cache
     tokens: List[int]  # the teacher's target: text tokens, with timestamp tokens when example.timestamps
     text: str
+    prompt: Tuple[int, ...] = ()  # the teacher's tokens for the audio before it (see attach_prompts)
+
+    @property
+    def target_item(self) -> str:
+        """Its name in the targets cache: the teacher's logits depend on the prompt too."""
+        if not self.prompt:
+            return self.item
+        return f"{self.item}-p{hashlib.sha256(repr(self.prompt).encode()).hexdigest()[:16]}"
 
 
 @torch.no_grad()
@@ -169,6 +179,30 @@ def filter_by_wer(labelled: List[Labelled], threshold: float) -> Tuple[List[Labe
     return kept, len(labelled) - len(kept)
 
 
+def attach_prompts(labelled: Sequence[Labelled], sources: Sequence[Labelled], share: float,
+                   n_text_ctx: int) -> List[Labelled]:
+    """Give a share of the examples a prompt: the teacher's tokens for the utterances before it in its
+    chapter (from `sources`, single utterances), the latest that the decoder is given.
+
+    Why: transcribe() prompts every window after the first with the text so far. A student that never
+    saw a prompt in training takes it for text still to come and loops (measured: one long-form window
+    at the token limit with prompts, none without)."""
+    chapters = defaultdict(list)  # chapter -> [(utterance id, teacher tokens)], in id order
+    for x in sources:
+        if len(x.example.audio) == 1:
+            chapters[chapter_of(x.example.id)].append((x.example.id, x.tokens))
+    for run in chapters.values():
+        run.sort()
+    prompted = []
+    for x in labelled:
+        first = x.example.id.split("+")[0]  # a window's id is its first utterance's id + "+n"
+        if share_picks(x.example.id, share, salt="prompt"):
+            before = [t for utterance_id, tokens in chapters[chapter_of(first)] if utterance_id < first for t in tokens]
+            x = replace(x, prompt=tuple(before[-prompt_limit(n_text_ctx) :]))
+        prompted.append(x)
+    return prompted
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Targets: the teacher's top-k logits on each label, and the frozen encoder's real-length output
 
@@ -193,7 +227,7 @@ def targets_key(teacher: Whisper, student: Whisper, settings: TargetSettings) ->
 def cache_targets(teacher: Whisper, student: Whisper, tokenizer: Tokenizer, labelled: Sequence[Labelled],
                   labels: ArrayCache, cache: ArrayCache, settings: TargetSettings, log: Callable = print) -> List[str]:
     """Fill `cache` for every labelled example it lacks; return the items that hold targets."""
-    todo = [x for x in labelled if not (cache.has(x.item) and cache.verify(x.item))]
+    todo = [x for x in labelled if not (cache.has(x.target_item) and cache.verify(x.target_item))]
     if todo:
         log(f"caching teacher logits and encoder features for {len(todo)} of {len(labelled)} examples "
             f"(cache: {cache.folder})")
@@ -207,17 +241,18 @@ def cache_targets(teacher: Whisper, student: Whisper, tokenizer: Tokenizer, labe
         for margin in settings.margins if settings.frozen_encoder_layers is not None else ():
             arrays[f"features_m{margin}"] = frozen_encoder_output(student, audio, margin,
                                                                   settings.frozen_encoder_layers)
-        cache.put(x.item, arrays, dict(id=x.example.id))
-    return [x.item for x in labelled if cache.has(x.item)]
+        cache.put(x.target_item, arrays, dict(id=x.example.id))
+    return [x.target_item for x in labelled if cache.has(x.target_item)]
 
 
 def teacher_top_k(teacher: Whisper, tokenizer: Tokenizer, x: Labelled, labels: ArrayCache, k: int,
                   temperature: float) -> dict:
     """The teacher's k largest logits (and their token ids) at each labelled position of the target,
-    teacher-forced on its own 30 s encoder output: (n_labels, k) float16 and int32; and the log-normaliser
-    of each full row at 1 and at the temperature (n_labels,) float32, so the kept probabilities are exact."""
+    teacher-forced (after the example's prompt) on its own 30 s encoder output: (n_labels, k) float16 and
+    int32; and the log-normaliser of each full row at 1 and at the temperature (n_labels,) float32, so the
+    kept probabilities are exact."""
     features = torch.from_numpy(np.array(labels.load(x.item)["teacher_features"])).to(teacher.device, teacher.dtype)
-    tokens, targets = training_tokens(tokenizer, x.tokens, x.example.timestamps)
+    tokens, targets = training_tokens(tokenizer, x.tokens, x.example.timestamps, x.prompt)
     logits = teacher.logits(torch.tensor([tokens], device=teacher.device), features[None])[0]  # (T, V)
     logits = logits[torch.tensor(targets) != IGNORE_LABEL]  # (n_labels, V)
     values, ids = logits.topk(k, dim=-1)

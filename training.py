@@ -51,7 +51,7 @@ class PreparedDataset(torch.utils.data.Dataset):
                  settings: TargetSettings, cached_input: bool, seed: int):
         self.examples, self.targets, self.settings = list(examples), targets, settings
         self.cached_input, self.seed, self.epoch = cached_input, seed, 0
-        self.sequences = [training_tokens(tokenizer, x.tokens, x.example.timestamps) for x in self.examples]
+        self.sequences = [training_tokens(tokenizer, x.tokens, x.example.timestamps, x.prompt) for x in self.examples]
         self.token_lengths = [len(tokens) for tokens, _ in self.sequences]
 
     def __len__(self) -> int:
@@ -63,11 +63,12 @@ class PreparedDataset(torch.utils.data.Dataset):
         rng = random.Random(hash((self.seed, self.epoch, index)))  # the same draw on every run and resume
         margin = rng.choice(self.settings.margins)
         try:
-            cached = self.targets.load(x.item)
+            features = f"features_m{margin}"
+            cached = self.targets.load(x.target_item, TEACHER_ARRAYS + ((features,) if self.cached_input else ()))
             item = dict(tokens=tokens, labels=labels, margin=margin,
                         **{name: np.asarray(cached[name]) for name in TEACHER_ARRAYS})
             if self.cached_input:
-                item["features"] = np.asarray(cached[f"features_m{margin}"])  # (positions, D) float16
+                item["features"] = np.asarray(cached[features])  # (positions, D) float16
             else:
                 item["audio"] = load_example_audio(x.example)
         except (OSError, ValueError, KeyError) as err:  # a file gone bad since preparation: one example lost
@@ -347,15 +348,16 @@ class Trainer:
     def request_stop(self, reason: str):
         self.stop_reason = reason
 
-    def should_stop(self) -> bool:
-        """All processes stop at the same step if any one was asked to."""
-        stop = torch.tensor(float(self.stop_reason is not None), device=self.device)
+    def any_rank(self, flag: bool) -> bool:
+        """Whether any process raised the flag: all of them stop (or end) at the same step."""
+        flag = torch.tensor(float(flag), device=self.device)
         if self.world > 1:
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        return bool(stop.item())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
-    def evaluate_and_keep_best(self):
-        """Rank 0 scores the student on the dev set and keeps the best one (save_student)."""
+    def evaluate_and_keep_best(self, last: bool = False):
+        """Rank 0 scores the student on the dev set and keeps the best one (save_student); with no dev set,
+        the last student is the one kept."""
         p = self.progress
         if self.rank == 0:
             wer = self.dev_score(self.student)
@@ -366,7 +368,7 @@ class Trainer:
                 if improved:
                     p.best_wer = wer
                     self.save_student(wer)
-            elif p.step >= p.total_steps:  # no dev set: the final student is the one kept
+            elif last:
                 self.save_student(None)
         if self.world > 1:
             dist.barrier()
@@ -376,7 +378,8 @@ class Trainer:
             save_checkpoint(self.checkpoint())
 
     def train(self, save_checkpoint: Callable) -> bool:
-        """Train to total_steps; False if stopped early (saved, resumable)."""
+        """Train to total_steps, or until --max-minutes is spent: a time budget ends the run as its last step
+        would (evaluated, the student kept). False if stopped by a signal (saved, resumable)."""
         s, p = self.settings, self.progress
         start, first_step = time.time(), p.step
         stream = self.batches()
@@ -403,15 +406,17 @@ class Trainer:
                 window_start, window_tokens, window_audio = time.perf_counter(), 0, 0.0
             if s.eval_every and p.step % s.eval_every == 0 and p.step < p.total_steps:
                 self.evaluate_and_keep_best()
-            if s.max_minutes and time.time() - start > 60 * s.max_minutes:
-                self.request_stop(f"--max-minutes {s.max_minutes}")
-            stop = self.should_stop()
+            stop = self.any_rank(self.stop_reason is not None)
             if p.step % s.save_every == 0 or stop:
                 self.save(save_checkpoint)
             if stop:
                 return False
+            if self.any_rank(bool(s.max_minutes) and time.time() - start > 60 * s.max_minutes):
+                self.log(f"--max-minutes {s.max_minutes} spent at step {p.step}/{p.total_steps}: ending here",
+                         budget_end_step=p.step)
+                break
         self.save(save_checkpoint)
-        self.evaluate_and_keep_best()
+        self.evaluate_and_keep_best(last=True)
         self.log(f"trained {p.step - first_step} steps in {time.time() - start:.0f} s")
         return True
 

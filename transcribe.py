@@ -24,6 +24,7 @@ import torch
 from audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, load_audio, loudest_frame_db, pad_or_trim
 from decoding import (
     NO_FALLBACK, TIME_PRECISION, DecodingOptions, DecodingResult, FallbackRules, decode_with_fallback, detect_language,
+    sample_length,
 )
 from kernels import log_mel_spectrogram
 from load import DTYPES, load_model
@@ -110,7 +111,9 @@ def transcribe(
     condition_on_previous_text: bool = True,
     initial_prompt: Optional[str] = None,
 ) -> dict:
-    """Transcribe audio of any length. Returns {"text", "language", "segments": [{start, end, text, ...}]}."""
+    """Transcribe audio of any length. Returns {"text", "language", "segments": [{start, end, text, ...}],
+    "windows": [{seek, tokens, temperature, at_limit}]} (at_limit: the window produced the most tokens a
+    window may, which is how a loop shows)."""
     waveform = _as_waveform(audio)
     # One log-Mel for the whole recording (30 s of silence appended so the last window is full).
     padded = torch.from_numpy(np.concatenate([waveform, np.zeros(N_SAMPLES, np.float32)])).to(model.device)
@@ -123,7 +126,8 @@ def transcribe(
     language = options.language or "en"
     tokenizer = tokenizer_for(model, language=language, task=options.task)
 
-    seek, segments, all_tokens, prompt_start = 0, [], [], 0
+    seek, segments, all_tokens, prompt_start, windows = 0, [], [], 0, []
+    limit = sample_length(options, model.dims.n_text_ctx)
     initial = tokenizer.encode(" " + initial_prompt.strip()) if initial_prompt else []
     while seek < content_frames:
         window_size = min(N_FRAMES, content_frames - seek)
@@ -135,6 +139,8 @@ def transcribe(
             window = window[:, : 2 * model.audio_positions(window_size)]
         prompt = initial + all_tokens[prompt_start:]
         result = decode_with_fallback(model, window, replace(options, prompt=prompt or None), rules)[0]
+        windows.append(dict(seek=seek, tokens=len(result.tokens), temperature=result.temperature,
+                            at_limit=len(result.tokens) >= limit))
         if rules.is_silence(result):
             seek += window_size
             continue
@@ -146,7 +152,8 @@ def transcribe(
             prompt_start = len(all_tokens)  # a hot (unreliable) window must not steer the next
     for i, segment in enumerate(segments):
         segment["id"] = i
-    return {"text": "".join(s["text"] for s in segments), "language": language, "segments": segments}
+    return {"text": "".join(s["text"] for s in segments), "language": language, "segments": segments,
+            "windows": windows}
 
 
 def _split_segments(result: DecodingResult, tokenizer, seek: int, window_size: int):

@@ -24,7 +24,8 @@ from tokenizer import get_tokenizer, tokenizer_for
 from transcribe import clip_mels
 from cache import ArrayCache
 from data import DEV_SPEAKERS
-from prepare import label_examples, labelling_key, plan_examples
+from decoding import DecodingOptions, initial_tokens
+from prepare import Example, Labelled, attach_prompts, label_examples, labelling_key, plan_examples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -194,6 +195,45 @@ def test_training_tokens_layout():
     assert tokenizer.no_timestamps not in tokens and labels[-2:] == [tokenizer.timestamp_begin + 50, tokenizer.eot]
 
 
+@pytest.mark.parametrize("timestamps", [False, True])
+def test_a_prompted_target_starts_as_decoding_starts_a_prompted_window(timestamps):
+    """The student trains on the very tokens transcribe() gives it after the first window."""
+    tokenizer = get_tokenizer(False, language="en", task="transcribe")
+    prompt, text = tokenizer.encode(" Before this."), tokenizer.encode(" hello world")
+    tokens, labels = training_tokens(tokenizer, text, timestamps=timestamps, prompt=prompt)
+    start = initial_tokens(tokenizer, DecodingOptions(prompt=prompt, without_timestamps=not timestamps), 448)
+    assert tokens == start + text and len(labels) == len(tokens)
+    assert labels == [-100] * (len(start) - 1) + text + [tokenizer.eot]  # no loss on the prompt
+
+
+def _labelled(utterance_id, tokens, parts=1):
+    audio = tuple(f"{utterance_id}-{i}.flac" for i in range(parts))
+    example = Example(utterance_id if parts == 1 else f"{utterance_id}+{parts}", audio, None, parts > 1)
+    return Labelled(example, f"item-{example.id}", list(tokens), "text")
+
+
+def test_prompts_are_the_teacher_text_before_the_example_in_its_chapter():
+    chapter = [_labelled(f"11-22-{n:04d}", [100 + n, 200 + n]) for n in range(4)]
+    other = _labelled("11-23-0000", [999])
+    window = _labelled("11-22-0002", [7, 8], parts=2)  # utterances 2 and 3 joined
+    examples = [other, window] + chapter[::-1]  # any order
+    prompted = {x.example.id: x for x in attach_prompts(examples, examples, share=1.0, n_text_ctx=448)}
+    assert prompted["11-22-0000"].prompt == () and prompted["11-23-0000"].prompt == ()  # nothing before them
+    assert prompted["11-22-0002"].prompt == (100, 200, 101, 201)  # in order, from its own chapter only
+    assert prompted["11-22-0002+2"].prompt == (100, 200, 101, 201)  # a window: what precedes its first utterance
+    assert prompted["11-22-0003"].prompt[-2:] == (102, 202)
+    # the decoder is given only the latest n_text_ctx // 2 - 1 prompt tokens
+    assert attach_prompts(chapter, chapter, 1.0, n_text_ctx=8)[3].prompt == (201, 102, 202)
+    # the share is a fixed pick per example, and the cache tells prompted targets apart
+    assert all(x.prompt == () for x in attach_prompts(examples, examples, share=0.0, n_text_ctx=448))
+    half = [_labelled(f"11-22-{n:04d}", [n]) for n in range(400)]
+    picked = sum(bool(x.prompt) for x in attach_prompts(half, half, share=0.5, n_text_ctx=448))
+    assert 150 < picked < 250
+    x = prompted["11-22-0002"]
+    assert x.target_item != x.item and prompted["11-22-0000"].target_item == prompted["11-22-0000"].item
+    assert x.target_item != prompted["11-22-0003"].target_item
+
+
 def test_batches_are_deterministic_and_sharded():
     lengths = [5, 9, 3, 7, 2, 8, 6, 4, 1, 10, 11]
     a = length_bucketed_batches(lengths, 2, seed=1, epoch=0)
@@ -268,7 +308,7 @@ def _distill(out, *extra, data, cache, env=None, wait=True):
     command = [
         sys.executable, "distill.py", "--teacher", "tiny.en", "--data", str(data), "--out", str(out),
         "--cache", str(cache), "--decoder-layers", "1", "--batch-size", "2", "--workers", "0", "--log-every", "1",
-        "--seed", "3", "--windows", "1", "--margins", "8,16", *extra,
+        "--seed", "3", "--windows", "1", "--margins", "8,16", "--long-form", "", *extra,
     ]
     environment = {**os.environ, **(env or {})}
     if not wait:
@@ -287,9 +327,10 @@ def _losses(out):
 @pytest.mark.parametrize("method", ["ce", "kd", "askd"])
 def test_each_method_trains_and_writes_a_loadable_student(data_dir, tmp_path, shared_cache, method):
     out = tmp_path / method
+    long_form = _clip_folder(data_dir, tmp_path / "long", n=1)  # one short recording: the report's shape
     run = _distill(out, "--method", method, "--max-steps", "4", "--phase-a-end", "0.5", "--self-refresh", "1",
                    "--eval-data", str(data_dir / "test-clean"), "--eval-limit", "2", "--eval-every", "0",
-                   data=data_dir / "test-clean", cache=shared_cache)
+                   "--long-form", str(long_form), data=data_dir / "test-clean", cache=shared_cache)
     assert run.returncode == 0, run.stderr[-3000:]
     records = [r for r in _log(out) if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -300,6 +341,9 @@ def test_each_method_trains_and_writes_a_loadable_student(data_dir, tmp_path, sh
     assert done["done"] and 0 <= done["student_dev_wer"] and 0 <= done["teacher_dev_wer"] < 0.2
     prepared = next(r["preparation"] for r in _log(out) if "preparation" in r)
     assert prepared["windows"] == 1 and prepared["examples_kept"] >= 3
+    teacher_long = next(r["teacher_long_form"] for r in _log(out) if "teacher_long_form" in r)
+    assert teacher_long["wer"] < 0.2 and teacher_long["at_limit"] == 0 and len(teacher_long["recordings"]) == 1
+    assert any("student_long_form" in r for r in _log(out))
     student = load_model(out / "student.pt", device="cpu")
     assert student.dims.n_text_layer == 1 and student.audio_context == AudioContext("dynamic", 16)
     assert checkpoint_provenance(out / "student.pt")["method"] == method
@@ -339,6 +383,17 @@ def test_interrupt_and_resume_gives_the_same_trajectory(data_dir, tmp_path, shar
 
     mismatch = _distill(broken, *common, "--resume", "--method", "kd", data=data, cache=shared_cache)
     assert mismatch.returncode != 0 and "--method" in mismatch.stderr
+
+
+def test_a_time_budget_ends_the_run_like_its_last_step(data_dir, tmp_path, shared_cache):
+    out = tmp_path / "budget"
+    run = _distill(out, "--max-steps", "50", "--max-minutes", "0.0001", "--eval-data", str(data_dir / "test-clean"),
+                   "--eval-limit", "1", data=data_dir / "test-clean", cache=shared_cache)
+    assert run.returncode == 0, run.stderr[-2000:]
+    log = _log(out)
+    assert next(r["budget_end_step"] for r in log if "budget_end_step" in r) == 1
+    assert log[-1]["done"] and log[-1]["step"] == 1 and log[-1]["student_dev_wer"] is not None
+    assert (out / "student.pt").exists() and any("speed_up" in r for r in log)
 
 
 def test_resume_without_checkpoint_is_an_error(data_dir, tmp_path, shared_cache):
