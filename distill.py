@@ -45,7 +45,7 @@ from prepare import (
     TargetSettings, attach_prompts, cache_targets, filter_by_wer, label_examples, labelling_key, plan_examples,
     targets_key, training_utterances,
 )
-from student import make_student
+from student import make_student, output_shortlist
 from tokenizer import tokenizer_for
 from training import GREEDY, PreparedDataset, Trainer, TrainSettings, dev_scorer
 from transcribe import transcribe, transcribe_clips
@@ -101,6 +101,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                 "student is given when it transcribes")
     student.add_argument("--margins", type=integers, default=(8, 16, 32),
                          help="margins seen in training (the jitter); one cached encoder output each")
+    student.add_argument("--shortlist", type=int, default=0,
+                         help="keep only these many most frequent text tokens (plus every token of the targets and "
+                              "the special ones) in the student's output layer: less work per decoded token, at the "
+                              "risk of words it can no longer spell; 0: the whole vocabulary")
     add_config_arguments(p.add_argument_group("method (askd.py)"), ASKDConfig)
     targets = p.add_argument_group("targets")
     targets.add_argument("--timestamp-share", type=float, default=0.5,
@@ -320,12 +324,29 @@ def main(argv=None):
     provenance = dict(teacher=str(args.teacher), method=args.method, seed=args.seed, commit=commit_of_this_code(),
                       data=[str(d) for d in args.data])
 
+    # The student trains on the whole vocabulary (the teacher's KL spans it); its shortlist, if any, applies
+    # whenever it is scored or saved, so its dev WER is the WER of the student.pt written.
+    shortlist = (output_shortlist([x.tokens for x in labelled], tokenizer.eot, student.dims.n_vocab, args.shortlist)
+                 if args.shortlist else None)
+    if shortlist:
+        log(f"student output layer: {len(shortlist)} of {student.dims.n_vocab} tokens", shortlist_size=len(shortlist))
+    score = dev_scorer(dev, args.batch_size)
+
+    def score_student(model):
+        try:
+            return score(model.restrict_output(shortlist))
+        finally:
+            model.restrict_output(None)
+
     def save_student(wer):
-        save_checkpoint(student, out / "student.pt", **provenance, dev_wer=wer)
+        try:
+            save_checkpoint(student.restrict_output(shortlist), out / "student.pt", **provenance, dev_wer=wer)
+        finally:
+            student.restrict_output(None)
 
     settings = TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings)})
     trainer = Trainer(student, dataset, config_from_arguments(args, ASKDConfig), settings, total_steps, frozen,
-                      out, dev_scorer(dev, args.batch_size), save_student, log, rank, world)
+                      out, score_student, save_student, log, rank, world)
     if args.resume:
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
         for key in ("teacher", "method", "decoder_layers", "encoder_layers", "trainable_encoder_layers", "batch_size",
@@ -336,7 +357,7 @@ def main(argv=None):
         trainer.restore(state)
         log(f"resumed from {checkpoint_path} at step {trainer.progress.step}/{trainer.progress.total_steps}")
     elif rank == 0 and dev:
-        trainer.progress.teacher_wer = dev_scorer(dev, args.batch_size)(teacher)
+        trainer.progress.teacher_wer = score(teacher)
         log(f"teacher dev WER {100 * trainer.progress.teacher_wer:.2f}% on {len(dev)} utterances",
             step=0, teacher_dev_wer=trainer.progress.teacher_wer)
 

@@ -17,8 +17,8 @@ from model import FIXED_CONTEXT, MODEL_DIMS, AudioContext, ModelDimensions, Whis
 from weights import CheckpointError, read_checkpoint
 
 # Our .pt files add entries beside OpenAI's two ("dims", "model_state_dict"), which openai-whisper ignores:
-# "audio_context" (absent: 30 s windows, as every official checkpoint) and, for students, their provenance
-# under a format version. A version this code does not know is refused, never guessed at.
+# "audio_context" (absent: 30 s windows, as every official checkpoint), "output_ids" (absent: the model may
+# emit any token; see model.OutputShortlist) and, for students, their provenance under a format version. A version this code does not know is refused, never guessed at.
 CHECKPOINT_FORMAT = 1
 PROVENANCE_KEYS = ("teacher", "method", "seed", "data", "commit", "dev_wer")
 
@@ -51,6 +51,10 @@ def load_model(name_or_path, device=None, dtype: Optional[torch.dtype] = None) -
     model = Whisper(dims, audio_context_of(extra, name_or_path))
     check_state_dict(model, state, name_or_path)
     model.load_state_dict(state)
+    try:
+        model.restrict_output(extra.get("output_ids"))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{name_or_path}: bad output_ids ({err})") from None
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -112,13 +116,15 @@ def atomic_save(obj, path) -> None:
 
 def save_checkpoint(model: Whisper, path, **provenance) -> None:
     """Save atomically in OpenAI's .pt layout, which load_model (and openai-whisper) read back, with the
-    model's audio-context policy and, for a student, its provenance (PROVENANCE_KEYS: the teacher, method,
+    model's audio-context policy, its output shortlist if it has one, and, for a student, its provenance (PROVENANCE_KEYS: the teacher, method,
     seed, data, commit and dev WER it was made with)."""
     unknown = set(provenance) - set(PROVENANCE_KEYS)
     if unknown:
         raise ValueError(f"unknown provenance {sorted(unknown)}; expected some of {PROVENANCE_KEYS}")
     checkpoint = {"dims": asdict(model.dims), "model_state_dict": model.state_dict(),
                   "format_version": CHECKPOINT_FORMAT, "audio_context": asdict(model.audio_context), **provenance}
+    if model.output_ids is not None:
+        checkpoint["output_ids"] = model.output_ids
     atomic_save(checkpoint, path)
 
 

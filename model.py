@@ -16,7 +16,7 @@ zeroed, so each row's result is what it would be alone. `AudioContext` says whic
 import functools
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -369,8 +369,37 @@ class AudioEncoder(nn.Module):
         return self.ln_post(x)
 
 
+class OutputShortlist:
+    """The token ids a model may emit, a sorted subset of its vocabulary, and the output projection's rows
+    for them (gathered once per weight version, as OneDNNWeight keys its copy).
+
+    Why: in a decoding step on CPU, the output projection (51864 x 384 for tiny.en) is the largest matrix
+    read per token, larger than all of tiny.en's decoder blocks together. A student that only ever emits
+    a known set of tokens (those of its training targets, the special and timestamp tokens, the most
+    frequent text tokens) multiplies by those rows alone, as Marian NMT's CPU decoder does. Logits keep
+    the full vocabulary's width (the rest are -inf), so decoding's rules and token ids are unchanged."""
+
+    def __init__(self, ids: Sequence[int], n_vocab: int):
+        ids = sorted(set(int(i) for i in ids))
+        if not ids or ids[0] < 0 or ids[-1] >= n_vocab:
+            raise ValueError(f"a shortlist needs ids in [0, {n_vocab}); got {len(ids)} ids in "
+                             f"[{ids[0] if ids else None}, {ids[-1] if ids else None}]")
+        self.ids = torch.tensor(ids)  # (K,)
+        self._key, self._rows = None, None
+
+    def rows(self, weight: Tensor) -> Tensor:
+        """weight's rows for the shortlist (K, D): a differentiable gather when a gradient is needed."""
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return weight[self.ids.to(weight.device)]
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if key != self._key:
+            self._rows, self._key = weight.detach()[self.ids.to(weight.device)], key
+        return self._rows
+
+
 class TextDecoder(nn.Module):
     onednn: Optional[OneDNNWeight] = None  # for the output projection; see Whisper.optimize_for_decoding
+    shortlist: Optional[OutputShortlist] = None  # the tokens it may emit (None: all); see Whisper.restrict_output
 
     def __init__(self, n_vocab: int, n_ctx: int, n_state: int, n_head: int, n_layer: int):
         super().__init__()
@@ -430,10 +459,14 @@ class TextDecoder(nn.Module):
         return mask
 
     def logits_of(self, x: Tensor) -> Tensor:
-        """Hidden states (..., D) -> logits (..., n_vocab) float32."""
+        """Hidden states (..., D) -> logits (..., n_vocab) float32 (-inf outside a shortlist)."""
         x = self.ln(x)
-        # The output projection is tied to the token embedding.
-        return linear(x, self.token_embedding.weight, None, self.onednn).float()
+        weight = self.token_embedding.weight  # the output projection is tied to the token embedding
+        if self.shortlist is None:
+            return linear(x, weight, None, self.onednn).float()
+        rows = linear(x, self.shortlist.rows(weight), None, self.onednn).float()  # (..., K)
+        logits = rows.new_full((*rows.shape[:-1], weight.shape[0]), float("-inf"))
+        return logits.index_copy(-1, self.shortlist.ids.to(rows.device), rows)
 
 
 class Whisper(nn.Module):
@@ -487,6 +520,17 @@ class Whisper(nn.Module):
             if isinstance(module, (Linear, TextDecoder)):
                 module.onednn = OneDNNWeight() if use_onednn else None
         return self
+
+    def restrict_output(self, ids: Optional[Sequence[int]]) -> "Whisper":
+        """Let the model emit only these token ids (None: every id again); returns self. Checkpoints carry
+        the list (see OutputShortlist for why)."""
+        self.decoder.shortlist = None if ids is None else OutputShortlist(ids, self.dims.n_vocab)
+        return self
+
+    @property
+    def output_ids(self) -> Optional[List[int]]:
+        """The shortlist of token ids the model may emit, None when it may emit any."""
+        return None if self.decoder.shortlist is None else self.decoder.shortlist.ids.tolist()
 
     def new_cache(self, batch_size: int, max_length: Optional[int] = None) -> KVCache:
         """An empty KV cache for decoding `batch_size` rows of up to `max_length` tokens."""

@@ -3,11 +3,12 @@
 As in distil-whisper: the student keeps the teacher's encoder (frozen by default; the encoder runs once
 per 30 s window, the decoder once per token, so decoder depth is what decoding time is made of) and a
 decoder of a few layers copied from maximally spaced teacher layers (first and last for 2).
-Optionally the encoder is thinned the same way, for the depth/speed trade-off.
+Optionally the encoder is thinned the same way, for the depth/speed trade-off. A shortlist of the tokens
+it may emit (output_shortlist) shrinks its output layer, the largest matrix a decoding step reads.
 """
 import copy
 from dataclasses import replace
-from typing import List, Optional
+from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 from torch import nn
@@ -60,6 +61,17 @@ def _student_state(teacher: Whisper, encoder_layers: int, decoder_layers: int) -
         if int(index) in chosen[prefix]:
             state[f"{prefix}{chosen[prefix].index(int(index))}.{rest}"] = tensor.clone()
     return state
+
+
+def output_shortlist(targets: Iterable[Sequence[int]], eot: int, n_vocab: int, frequent: int) -> List[int]:
+    """The token ids a student keeps in its output layer (model.OutputShortlist): every token of its
+    training targets, every special and timestamp token (the ids from <|endoftext|> up), and the
+    `frequent` lowest text ids. Why the lowest: BPE ids follow the order of the merges, which follows how
+    often a pair occurred in the tokenizer's training text, so they stand in for a frequency list."""
+    ids = set(range(min(frequent, eot))) | set(range(eot, n_vocab))
+    for target in targets:
+        ids.update(target)
+    return sorted(ids)
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

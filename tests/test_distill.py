@@ -328,7 +328,8 @@ def _losses(out):
 def test_each_method_trains_and_writes_a_loadable_student(data_dir, tmp_path, shared_cache, method):
     out = tmp_path / method
     long_form = _clip_folder(data_dir, tmp_path / "long", n=1)  # one short recording: the report's shape
-    run = _distill(out, "--method", method, "--max-steps", "4", "--phase-a-end", "0.5", "--self-refresh", "1",
+    shortlist = ("--shortlist", "1000") if method == "ce" else ()
+    run = _distill(out, *shortlist, "--method", method, "--max-steps", "4", "--phase-a-end", "0.5", "--self-refresh", "1",
                    "--eval-data", str(data_dir / "test-clean"), "--eval-limit", "2", "--eval-every", "0",
                    "--long-form", str(long_form), data=data_dir / "test-clean", cache=shared_cache)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -346,6 +347,10 @@ def test_each_method_trains_and_writes_a_loadable_student(data_dir, tmp_path, sh
     assert any("student_long_form" in r for r in _log(out))
     student = load_model(out / "student.pt", device="cpu")
     assert student.dims.n_text_layer == 1 and student.audio_context == AudioContext("dynamic", 16)
+    if shortlist:  # the 1000 most frequent ids, the targets' and the special ones
+        assert 1000 + 1608 <= len(student.output_ids) < 4000 and student.output_ids[-1] == student.dims.n_vocab - 1
+    else:
+        assert student.output_ids is None
     assert checkpoint_provenance(out / "student.pt")["method"] == method
     run = subprocess.run([sys.executable, "evaluate.py", "--model", str(out / "student.pt"), "--data", str(data_dir / "test-clean"),
                           "--limit", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
