@@ -23,6 +23,7 @@ from benchmarks import kernel_timing, models, peers
 from benchmarks.common import DEFAULT_DATA, ByDevice, default_help, quick_help, spell
 from data import DATA_ENV, DEV_SPEAKERS
 from load import DTYPES, default_dtype
+from transcribe import add_audio_context_arguments, non_negative_int
 
 MODES = {"models": models, "kernels": kernel_timing, "peers": peers}
 
@@ -31,13 +32,6 @@ def positive_int(text):
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer of at least 0, got {text}")
     return value
 
 
@@ -81,15 +75,8 @@ def add_models_flags(parser):
     parser.add_argument("--repeats", type=positive_int, help=helped("timed calls per split measurement", "repeats"))
     parser.add_argument("--warmup", type=non_negative_int, help=helped(
         "untimed calls before each split measurement (at least 1 runs: the first measures peak memory)", "warmup"))
-    # transcribe.add_model_arguments defines these two for the CLIs of one --model, beside --device and --dtype
-    # (which this parser has already), so they cannot be taken from there: the same flags, defined here once
-    parser.add_argument("--audio-ctx", choices=("fixed", "dynamic"),
-                        help="override every model's audio context: 30 s windows, or the real length plus a margin "
-                             "(default: each model's own; official models: fixed)")
-    parser.add_argument("--audio-margin", type=non_negative_int,
-                        help="encoder positions (20 ms) past the audio under a dynamic context, for every dynamic "
-                             "model (default: the model's own) and for the sweep's dynamic column of a fixed one "
-                             f"(default: {models.SWEEP_MARGIN})")
+    add_audio_context_arguments(parser, whose="every model's", margin_default="each model's own; for the "
+                                f"sweep's dynamic column of a fixed model: {models.SWEEP_MARGIN}")
     parser.add_argument("--sweep-seconds", type=positive_int, nargs="+", help=helped(
         "clip lengths of the audio context sweep (fixed vs dynamic context at batch 1), at most 30", "sweep_seconds"))
     parser.add_argument("--sweep-repeats", type=positive_int, help=helped(

@@ -118,14 +118,36 @@ def long_form(model: Whisper, recordings: List[Utterance], options: DecodingOpti
 
 def _utterance_report(utt: Utterance, hypothesis: str) -> dict:
     reference, normalised = normalize(utt.text), normalize(hypothesis)
-    wer = jiwer.wer(reference, normalised) if reference.strip() else None
-    return dict(id=utt.id, audio=str(utt.audio), reference=utt.text, hypothesis=hypothesis, wer=wer)
+    if not reference.strip():
+        return dict(id=utt.id, audio=str(utt.audio), reference=utt.text, hypothesis=hypothesis, wer=None)
+    out = jiwer.process_words(reference, normalised)
+    errors, words = out.substitutions + out.deletions + out.insertions, out.hits + out.substitutions + out.deletions
+    return dict(id=utt.id, audio=str(utt.audio), reference=utt.text, hypothesis=hypothesis, wer=errors / words,
+                errors=errors, words=words)
+
+
+def paired_bootstrap(a: List[dict], b: List[dict], samples: int = 10_000, seed: int = 0) -> dict:
+    """WER(a) - WER(b) over the utterances both reports scored, with a 95 % interval from resampling those
+    utterances (Koehn 2004's paired bootstrap): a and b are evaluate() reports' "utterances". An interval
+    that holds 0 means the set cannot tell the two apart."""
+    b_by_id = {u["id"]: u for u in b if u.get("words")}
+    pairs = [(u, b_by_id[u["id"]]) for u in a if u.get("words") and u["id"] in b_by_id]
+    if not pairs:
+        raise ValueError("the two reports share no scored utterance (reports from before per-utterance counts?)")
+    errors_a = torch.tensor([float(x["errors"]) for x, _ in pairs], dtype=torch.float64)
+    errors_b = torch.tensor([float(y["errors"]) for _, y in pairs], dtype=torch.float64)
+    words = torch.tensor([float(x["words"]) for x, _ in pairs], dtype=torch.float64)
+    draws = torch.randint(len(pairs), (samples, len(pairs)), generator=torch.Generator().manual_seed(seed))
+    differences = (errors_a[draws].sum(1) - errors_b[draws].sum(1)) / words[draws].sum(1)  # (samples,)
+    low, high = torch.quantile(differences, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return dict(difference=float((errors_a.sum() - errors_b.sum()) / words.sum()), low=low, high=high,
+                utterances=len(pairs), words=int(words.sum()))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Word error rate of a Whisper model on a speech set.")
     add_model_arguments(parser)
-    parser.add_argument("--data", required=True, nargs="+", help="LibriSpeech-layout folder(s), JSONL manifest(s), or folder(s) with .txt sidecars")
+    parser.add_argument("--data", nargs="+", help="LibriSpeech-layout folder(s), JSONL manifest(s), or folder(s) with .txt sidecars")
     parser.add_argument("--speakers", default=None, help="comma-separated speaker ids to keep (LibriSpeech)")
     parser.add_argument("--exclude-speakers", default=None, help="comma-separated speaker ids to leave out")
     parser.add_argument("--limit", type=int, default=None, help="first N utterances only")
@@ -134,8 +156,15 @@ def main(argv=None):
     parser.add_argument("--language", default="en", help="spoken language (default: en; 'auto' to detect)")
     parser.add_argument("--no-fallback", action="store_true", help="temperature 0 only, no fallback")
     parser.add_argument("--json", default=None, help="write the full report (per-utterance hypotheses) here")
+    parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
+                        help="instead of evaluating: WER(A) - WER(B) of two --json reports, with a 95%% paired "
+                             "bootstrap interval over their common utterances")
     args = parser.parse_args(argv)
+    if args.compare:
+        return print_comparison(*args.compare)
 
+    if not args.data:
+        parser.error("--data is required (unless --compare)")
     split = lambda s: s.split(",") if s else None  # noqa: E731
     utterances = [u for source in args.data for u in list_utterances(source, split(args.speakers), split(args.exclude_speakers))]
     utterances = utterances[: args.limit] if args.limit else utterances
@@ -155,6 +184,16 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False))
         print(f"report written to {args.json}")
+    return 0
+
+
+def print_comparison(path_a: str, path_b: str) -> int:
+    reports = [json.loads(Path(p).read_text()) for p in (path_a, path_b)]
+    result = paired_bootstrap(reports[0]["utterances"], reports[1]["utterances"])
+    print(f"WER {path_a} - {path_b}: {100 * result['difference']:+.2f} points, 95% interval "
+          f"[{100 * result['low']:+.2f}, {100 * result['high']:+.2f}] (paired bootstrap over "
+          f"{result['utterances']} utterances, {result['words']} words)")
+    print(json.dumps(result))
     return 0
 
 

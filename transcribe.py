@@ -235,11 +235,26 @@ def add_model_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="weights and activations (default: float16 on CUDA, float32 on CPU; bfloat16 is faster on CPUs with AVX512-BF16)")
+    add_audio_context_arguments(parser)
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 0, got {text}")
+    return value
+
+
+def add_audio_context_arguments(parser: argparse.ArgumentParser, whose: str = "the model's",
+                                margin_default: str = "the model's") -> None:
+    """--audio-ctx and --audio-margin (see audio_context_override): for one model here, for every model
+    in bench.py."""
     parser.add_argument("--audio-ctx", choices=("fixed", "dynamic"), default=None,
-                        help="override the model's audio context: 30 s windows, or the real length plus a margin "
+                        help=f"override {whose} audio context: 30 s windows, or the real length plus a margin "
                              "(default: what the checkpoint says; official models: fixed)")
-    parser.add_argument("--audio-margin", type=int, default=None,
-                        help="with --audio-ctx dynamic: encoder positions (20 ms) past the audio (default: the model's)")
+    parser.add_argument("--audio-margin", type=non_negative_int, default=None,
+                        help=f"under a dynamic context: encoder positions (20 ms) past the audio (default: "
+                             f"{margin_default})")
 
 
 def load_model_for_decoding(args: argparse.Namespace) -> Whisper:

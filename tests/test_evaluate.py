@@ -1,0 +1,52 @@
+"""Comparing two evaluations: the paired bootstrap over utterances."""
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evaluate import paired_bootstrap
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _report(errors, words=20):
+    return [dict(id=f"u{i}", errors=e, words=words, wer=e / words) for i, e in enumerate(errors)]
+
+
+def test_a_clear_difference_has_an_interval_away_from_zero():
+    rng = random.Random(0)
+    better = _report([rng.randint(0, 1) for _ in range(80)])
+    worse = _report([rng.randint(2, 4) for _ in range(80)])
+    result = paired_bootstrap(better, worse)
+    assert result["high"] < 0 and result["low"] <= result["difference"] <= result["high"]
+    assert result["utterances"] == 80 and result["words"] == 1600
+
+
+def test_equal_systems_differ_by_nothing_and_noise_straddles_zero():
+    rng = random.Random(1)
+    errors = [rng.randint(0, 3) for _ in range(80)]
+    same = paired_bootstrap(_report(errors), _report(errors))
+    assert same["difference"] == same["low"] == same["high"] == 0
+    shuffled = errors[:]
+    rng.shuffle(shuffled)  # the same total, spread over other utterances
+    noisy = paired_bootstrap(_report(errors), _report(shuffled))
+    assert noisy["low"] < 0 < noisy["high"] and noisy["difference"] == 0
+
+
+def test_only_common_utterances_count_and_none_is_an_error():
+    a, b = _report([1, 2, 3]), _report([1, 2])
+    assert paired_bootstrap(a, b)["utterances"] == 2
+    with pytest.raises(ValueError, match="share no scored utterance"):
+        paired_bootstrap(a, [dict(id="other", errors=1, words=5)])
+
+
+def test_the_command_line_compares_two_reports(tmp_path):
+    for name, errors in (("a", [0, 1, 0, 0] * 20), ("b", [3, 2, 4, 3] * 20)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"utterances": _report(errors)}))
+    run = subprocess.run([sys.executable, "evaluate.py", "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "95% interval" in run.stdout and json.loads(run.stdout.splitlines()[-1])["high"] < 0
