@@ -50,3 +50,23 @@ def test_the_command_line_compares_two_reports(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "95% interval" in run.stdout and json.loads(run.stdout.splitlines()[-1])["high"] < 0
+
+
+def test_long_form_counts_the_windows_that_reach_the_token_limit(data_dir):
+    """The loop detector of distill.py's closing report: a window that produces the most tokens a window
+    may is counted; here the limit is set below what the recording needs."""
+    import torch
+
+    from data import list_utterances
+    from decoding import DecodingOptions
+    from evaluate import long_form
+    from load import load_model
+
+    model = load_model("tiny.en", device="cpu", dtype=torch.float32).optimize_for_decoding()
+    recording = list_utterances(data_dir / "longform")
+    recording = [u for u in recording if u.id == "jfk"]
+    assert recording, "longform/jfk.flac with its transcript expected"
+    normal = long_form(model, recording)
+    assert normal["at_limit"] == 0 and normal["wer"] < 0.05 and normal["recordings"]["jfk"]["windows"] == 1
+    cut = long_form(model, recording, DecodingOptions(language="en", sample_len=5))
+    assert cut["at_limit"] >= 1 and cut["recordings"]["jfk"]["max_tokens"] == 5 and cut["wer"] > 0.5
