@@ -281,6 +281,9 @@ def long_form_report(teacher, student, folder: str, log):
         return
     for name, model in (("teacher", teacher), ("student", student)):
         report = long_form(model, recordings)
+        if report["wer"] is None:
+            log(f"warning: no long recording in {folder} could be read: long-form not measured")
+            return
         log(f"{name} on {folder.name}/ ({len(recordings)} recordings, no fallback): WER {100 * report['wer']:.2f}%, "
             f"{report['at_limit']} windows at the token limit", **{f"{name}_long_form": report})
 

@@ -102,18 +102,19 @@ def long_form(model: Whisper, recordings: List[Utterance], options: DecodingOpti
               rules: FallbackRules = NO_FALLBACK) -> dict:
     """Recordings transcribed as a user would (transcribe(): 30 s windows, each prompted with the text
     before it; no fallback by default, so nothing hides a loop): the WER over all of them, and for each
-    its WER, windows, and windows that reached the token limit (a loop)."""
-    scored = [u for u in recordings if u.text is not None]
+    its WER, windows, and windows that reached the token limit (a loop). Unreadable recordings are skipped
+    and listed (wer is None when none could be read)."""
+    loaded, skipped = _load_all([u for u in recordings if u.text is not None])
     texts, each = [], {}
-    for u in scored:
-        result = transcribe(model, load_audio(u.audio), options, rules)
+    for u, waveform in loaded:
+        result = transcribe(model, waveform, options, rules)
         texts.append(result["text"].strip())
         windows = result["windows"]
         each[u.id] = dict(wer=word_error_rate([u.text], [texts[-1]])["wer"], windows=len(windows),
                           at_limit=sum(w["at_limit"] for w in windows),
                           max_tokens=max((w["tokens"] for w in windows), default=0))
-    total = word_error_rate([u.text for u in scored], texts)["wer"] if scored else None
-    return dict(wer=total, at_limit=sum(r["at_limit"] for r in each.values()), recordings=each)
+    total = word_error_rate([u.text for u, _ in loaded], texts)["wer"] if loaded else None
+    return dict(wer=total, at_limit=sum(r["at_limit"] for r in each.values()), recordings=each, skipped=skipped)
 
 
 def _utterance_report(utt: Utterance, hypothesis: str) -> dict:

@@ -385,15 +385,21 @@ class OutputShortlist:
             raise ValueError(f"a shortlist needs ids in [0, {n_vocab}); got {len(ids)} ids in "
                              f"[{ids[0] if ids else None}, {ids[-1] if ids else None}]")
         self.ids = torch.tensor(ids)  # (K,)
-        self._key, self._rows = None, None
+        self._key, self._rows, self._ids_on = None, None, {}
+
+    def ids_on(self, device: torch.device) -> Tensor:
+        """The ids on `device`, copied once: a decoding step needs them every token."""
+        if device not in self._ids_on:
+            self._ids_on[device] = self.ids.to(device)
+        return self._ids_on[device]
 
     def rows(self, weight: Tensor) -> Tensor:
         """weight's rows for the shortlist (K, D): a differentiable gather when a gradient is needed."""
         if torch.is_grad_enabled() and weight.requires_grad:
-            return weight[self.ids.to(weight.device)]
+            return weight[self.ids_on(weight.device)]
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
         if key != self._key:
-            self._rows, self._key = weight.detach()[self.ids.to(weight.device)], key
+            self._rows, self._key = weight.detach()[self.ids_on(weight.device)], key
         return self._rows
 
 
@@ -466,7 +472,7 @@ class TextDecoder(nn.Module):
             return linear(x, weight, None, self.onednn).float()
         rows = linear(x, self.shortlist.rows(weight), None, self.onednn).float()  # (..., K)
         logits = rows.new_full((*rows.shape[:-1], weight.shape[0]), float("-inf"))
-        return logits.index_copy(-1, self.shortlist.ids.to(rows.device), rows)
+        return logits.index_copy(-1, self.shortlist.ids_on(rows.device), rows)
 
 
 class Whisper(nn.Module):

@@ -52,7 +52,7 @@ def test_the_command_line_compares_two_reports(tmp_path):
     assert "95% interval" in run.stdout and json.loads(run.stdout.splitlines()[-1])["high"] < 0
 
 
-def test_long_form_counts_the_windows_that_reach_the_token_limit(data_dir):
+def test_long_form_counts_the_windows_that_reach_the_token_limit(data_dir, tmp_path):
     """The loop detector of distill.py's closing report: a window that produces the most tokens a window
     may is counted; here the limit is set below what the recording needs."""
     import torch
@@ -70,3 +70,8 @@ def test_long_form_counts_the_windows_that_reach_the_token_limit(data_dir):
     assert normal["at_limit"] == 0 and normal["wer"] < 0.05 and normal["recordings"]["jfk"]["windows"] == 1
     cut = long_form(model, recording, DecodingOptions(language="en", sample_len=5))
     assert cut["at_limit"] >= 1 and cut["recordings"]["jfk"]["max_tokens"] == 5 and cut["wer"] > 0.5
+    (tmp_path / "broken.flac").write_bytes(b"not audio" * 50)
+    (tmp_path / "broken.txt").write_text("SOME WORDS")
+    with pytest.warns(UserWarning, match="broken.flac"):
+        unreadable = long_form(model, list_utterances(tmp_path))
+    assert unreadable["wer"] is None and unreadable["recordings"] == {} and len(unreadable["skipped"]) == 1
