@@ -23,6 +23,7 @@ from benchmarks import kernel_timing, models, peers
 from benchmarks.common import DEFAULT_DATA, ByDevice, default_help, quick_help, spell
 from data import DATA_ENV, DEV_SPEAKERS
 from load import DTYPES, default_dtype
+from quantize import DEFAULT_SCOPE, SCOPES
 from transcribe import add_audio_context_arguments, non_negative_int
 
 MODES = {"models": models, "kernels": kernel_timing, "peers": peers}
@@ -82,6 +83,10 @@ def add_models_flags(parser):
     parser.add_argument("--sweep-repeats", type=positive_int, help=helped(
         "timed calls per sweep measurement; default: --repeats", "sweep_repeats"))
     parser.add_argument("--no-context-sweep", action="store_true", help="skip the audio context sweep")
+    parser.add_argument("--int8", nargs="+", choices=list(SCOPES), default=None, metavar="SCOPE",
+                        help=f"also every model with int8 weights in each SCOPE (quantize.py: {', '.join(SCOPES)}; "
+                             f"{DEFAULT_SCOPE} is the one we recommend), CPU, float32, in the same turns as the "
+                             "float models")
 
 
 def add_peers_flags(parser):

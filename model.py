@@ -101,11 +101,11 @@ class LayerNorm(nn.LayerNorm):
 
 
 class Linear(nn.Linear):
-    onednn: Optional["OneDNNWeight"] = None  # set by Whisper.optimize_for_decoding
+    inference_weight = None  # set by Whisper.optimize_for_decoding (or quantize.int8_for_decoding)
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return linear(x, self.weight, bias, self.onednn)
+        return linear(x, self.weight, bias, self.inference_weight)
 
 
 def onednn_linear_available() -> bool:
@@ -137,24 +137,37 @@ class OneDNNWeight:
 
     Reordering costs a full pass over the weight, so it is done once and kept. The copy is keyed on the
     parameter's storage, version counter and the compute dtype: training steps, load_state_dict and .to()
-    all change one of them, so a stale copy is never used; it is rebuilt on the next call."""
+    all change one of them, so a stale copy is never used; it is rebuilt on the next call.
+
+    An inference weight (this, or quantize.Int8Weight) answers two calls: takes(x), whether it can
+    multiply x, and linear(x, weight, bias)."""
 
     def __init__(self):
         self._key, self._blocked = None, None
 
+    def __deepcopy__(self, memo):  # a copied model makes its own copy on first use (oneDNN's cannot be copied)
+        return type(self)()
+
     def blocked(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
-        key = (weight.data_ptr(), weight._version, dtype)
+        key = (weight.data_ptr(), weight._version, weight.shape, dtype)
         if key != self._key:
             self._blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), 1)
             self._key = key
         return self._blocked
 
+    def takes(self, x: Tensor) -> bool:
+        return x.device.type == "cpu" and onednn_takes(x.dtype)
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], onednn: Optional[OneDNNWeight]) -> Tensor:
-    """x @ weight.T + bias in x's dtype. With `onednn`, on CPU when no gradient is needed, it multiplies
-    by the blocked copy through oneDNN (inference only: that operator has no backward)."""
-    if onednn is not None and x.device.type == "cpu" and not torch.is_grad_enabled() and onednn_takes(x.dtype):
-        return torch.ops.mkldnn._linear_pointwise(x, onednn.blocked(weight, x.dtype), bias, "none", [], "")
+    def linear(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.blocked(weight, x.dtype), bias, "none", [], "")
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], inference_weight=None) -> Tensor:
+    """x @ weight.T + bias in x's dtype. With an `inference_weight` (a copy of the weight made for
+    inference: OneDNNWeight, quantize.Int8Weight) that takes x, when no gradient is needed, it multiplies
+    by that copy (inference only: those operators have no backward)."""
+    if inference_weight is not None and not torch.is_grad_enabled() and inference_weight.takes(x):
+        return inference_weight.linear(x, weight, bias)
     return F.linear(x, weight.to(x.dtype), bias)
 
 
@@ -404,7 +417,7 @@ class OutputShortlist:
 
 
 class TextDecoder(nn.Module):
-    onednn: Optional[OneDNNWeight] = None  # for the output projection; see Whisper.optimize_for_decoding
+    inference_weight = None  # for the output projection; see Whisper.optimize_for_decoding
     shortlist: Optional[OutputShortlist] = None  # the tokens it may emit (None: all); see Whisper.restrict_output
 
     def __init__(self, n_vocab: int, n_ctx: int, n_state: int, n_head: int, n_layer: int):
@@ -469,8 +482,8 @@ class TextDecoder(nn.Module):
         x = self.ln(x)
         weight = self.token_embedding.weight  # the output projection is tied to the token embedding
         if self.shortlist is None:
-            return linear(x, weight, None, self.onednn).float()
-        rows = linear(x, self.shortlist.rows(weight), None, self.onednn).float()  # (..., K)
+            return linear(x, weight, None, self.inference_weight).float()
+        rows = linear(x, self.shortlist.rows(weight), None, self.inference_weight).float()  # (..., K)
         logits = rows.new_full((*rows.shape[:-1], weight.shape[0]), float("-inf"))
         return logits.index_copy(-1, self.shortlist.ids_on(rows.device), rows)
 
@@ -524,7 +537,7 @@ class Whisper(nn.Module):
                           "and slower than float32", stacklevel=2)
         for module in self.modules():
             if isinstance(module, (Linear, TextDecoder)):
-                module.onednn = OneDNNWeight() if use_onednn else None
+                module.inference_weight = OneDNNWeight() if use_onednn else None
         return self
 
     def restrict_output(self, ids: Optional[Sequence[int]]) -> "Whisper":

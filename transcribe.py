@@ -29,6 +29,7 @@ from decoding import (
 from kernels import log_mel_spectrogram
 from load import DTYPES, load_model
 from model import AudioContext, Whisper
+from quantize import DEFAULT_SCOPE, SCOPES, int8_for_decoding
 from tokenizer import tokenizer_for
 
 FRAMES_PER_TOKEN = 2  # the encoder's stride: one timestamp step (20 ms) is two Mel frames
@@ -230,11 +231,15 @@ def to_json(path: str, result: dict) -> dict:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser):
-    """--model, --device and --dtype: the flags of every CLI that decodes (this one and evaluate.py)."""
+    """--model, --device, --dtype and --int8: the flags of every CLI that decodes (this one and evaluate.py)."""
     parser.add_argument("--model", default="base", help="model name (tiny.en, base, ...) or checkpoint path")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="weights and activations (default: float16 on CUDA, float32 on CPU; bfloat16 is faster on CPUs with AVX512-BF16)")
+    parser.add_argument("--int8", choices=list(SCOPES), default=None, metavar="SCOPE",
+                        help="CPU, float32 model: the products of SCOPE read int8 weights (quantize.py); a decoded "
+                             f"token costs less, WER rises: {'; '.join(f'{k}: {v}' for k, v in SCOPES.items())} "
+                             f"({DEFAULT_SCOPE} is the one we recommend)")
     add_audio_context_arguments(parser)
 
 
@@ -265,7 +270,11 @@ def load_model_for_decoding(args: argparse.Namespace) -> Whisper:
         sys.exit(f"error: {err}")
     if args.audio_ctx is not None:
         model.audio_context = audio_context_override(model, args.audio_ctx, args.audio_margin)
-    return model.optimize_for_decoding()
+    model.optimize_for_decoding()
+    try:
+        return int8_for_decoding(model, args.int8) if args.int8 else model
+    except ValueError as err:  # not CPU float32, or no int8 engine in this build
+        sys.exit(f"error: --int8: {err}")
 
 
 def audio_context_override(model: Whisper, mode: str, margin: Optional[int]) -> AudioContext:

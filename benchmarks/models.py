@@ -41,6 +41,7 @@ has no WER. A made student hears audio as its teacher does. Trained students (--
 freely and are scored.
 """
 import contextlib
+import copy
 import functools
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -57,6 +58,7 @@ from decoding import NO_FALLBACK, DecodingOptions, initial_tokens
 from evaluate import word_error_rate
 from load import DTYPES, load_model
 from model import MODEL_DIMS, AudioContext, ModelDimensions, Whisper
+from quantize import int8_for_decoding
 from student import make_student
 from tokenizer import tokenizer_for
 from transcribe import audio_context_override, clip_mels, encoder_input, transcribe_clips
@@ -75,7 +77,7 @@ DEFAULTS = {"teacher": "base", "utterances": 30, "windows": 4, "batch_sizes": By
 QUICK = {"teacher": "tiny.en", "utterances": 3, "windows": 1, "batch_sizes": [1, 2], "decoders": ["greedy"],
          "repeats": 2, "passes": 1, "sweep_seconds": [5, 30], "sweep_repeats": 1}
 
-MODEL_FIELDS = ("name", "source", "encoder_layers", "decoder_layers", "parameters", "size_mib", "dtype",
+MODEL_FIELDS = ("name", "source", "encoder_layers", "decoder_layers", "parameters", "size_mib", "dtype", "int8",
                 "forced_length", "audio_context")
 RUN_FIELDS = ("model", "set", "decoder", "batch_size", "forced_length", "n_items", "n_batches", "audio_seconds",
               "total_s", "rtf", "audio_s_per_s", "latency_ms_median", "latency_ms_p90", "tokens", "tokens_per_s",
@@ -98,6 +100,7 @@ class Contender:
     model: Whisper
     source: str
     forced_length: bool  # untrained: decoded for the teacher's number of steps
+    int8: Optional[str] = None  # the int8 scope (quantize.SCOPES), None: float
 
 
 def student_shapes(spec: Optional[List[str]], dims: ModelDimensions, quick: bool):
@@ -154,7 +157,19 @@ def load_contenders(args, device, dtype) -> List[Contender]:
             model.audio_context = audio_context_override(model, args.audio_ctx or model.audio_context.mode,
                                                          args.audio_margin)
         model.optimize_for_decoding()  # on CPU, the layout the inference entry points use
-    return found
+    return found + int8_twins(found, args.int8)
+
+
+def int8_twins(contenders: List[Contender], scopes: Optional[List[str]]) -> List[Contender]:
+    """--int8: every model again per scope, timed in the same turns."""
+    if not scopes:
+        return []
+    try:
+        return [replace(c, name=f"{c.name} int8 {scope}", int8=scope,
+                        model=int8_for_decoding(copy.deepcopy(c.model), scope))
+                for scope in scopes for c in contenders]
+    except ValueError as err:
+        raise SystemExit(f"error: --int8: {err}")
 
 
 @contextlib.contextmanager
@@ -173,6 +188,7 @@ def model_row(contender: Contender) -> dict:
     return {"name": contender.name, "source": contender.source, "encoder_layers": model.dims.n_audio_layer,
             "decoder_layers": model.dims.n_text_layer, "parameters": sum(p.numel() for p in model.parameters()),
             "size_mib": sum(t.numel() * t.element_size() for t in tensors) / 2**20, "dtype": str(model.dtype),
+            "int8": contender.int8,
             "forced_length": contender.forced_length, "audio_context": asdict(model.audio_context)}
 
 

@@ -5,6 +5,7 @@
 
 Engines; every peer is optional, and one that is not installed is a row saying so, never a crash:
   ours                         transcribe_clips(), the teacher decoded as in `python bench.py`
+  ours int8 SCOPE              the same with int8 weights (quantize.py; CPU only): the default scope, and all
   openai-whisper decode        whisper.decode() on whisper.log_mel_spectrogram(pad_or_trim(audio)), batched
   openai-whisper transcribe    whisper.transcribe() on the array, one utterance per call (its usual entry point)
   transformers generate        WhisperFeatureExtractor + WhisperForConditionalGeneration.generate(), batched; built
@@ -42,11 +43,13 @@ from decoding import NO_FALLBACK, DecodingOptions, suppressed_tokens
 from evaluate import word_error_rate
 from load import DTYPES, default_dtype, load_model
 from model import Whisper
+from quantize import DEFAULT_SCOPE, int8_for_decoding
 from tokenizer import tokenizer_for
 from transcribe import transcribe_clips
 from weights import HF_BLOCK_NAMES, HF_TOP_NAMES, find_model_files
 
 PEERS = ("openai", "transformers", "faster")  # --peers choices; ours always runs
+INT8_SCOPES = sorted({DEFAULT_SCOPE, "all"})  # ours with int8 weights (CPU): the default, and faster-whisper's
 # Every default of the mode, read by both the flags' help (bench.py) and settle_defaults; --dtype defaults to
 # load.default_dtype. Batch 1 always runs.
 DEFAULTS = {"model": "base", "utterances": 30, "batch_sizes": ByDevice([1, 16], [1]), "passes": ByDevice(3, 1),
@@ -81,6 +84,16 @@ class Engine:
 def build_ours(model: Whisper, source, device):
     options = DecodingOptions(language="en", without_timestamps=True)
     return lambda clips: [r.text for r in transcribe_clips(model, clips, options, NO_FALLBACK, len(clips))]
+
+
+def build_ours_int8(scope):
+    """Ours with int8 weights in `scope` (quantize.py); "all" is the counterpart of faster-whisper int8."""
+    def build(model: Whisper, source, device):
+        try:
+            return build_ours(int8_for_decoding(model, scope), source, device)
+        except ValueError as why:  # not float32 (e.g. --dtype bfloat16), or no int8 engine in this build
+            raise Unavailable(str(why)) from None
+    return build
 
 
 @functools.lru_cache(maxsize=1)  # decode and transcribe share one copy
@@ -223,8 +236,12 @@ def build_faster(compute_type):
 
 def engines(device) -> List[Engine]:
     faster_types = ("float16",) if device.type == "cuda" else ("float32", "int8")
+    ours_int8 = [] if device.type == "cuda" else [
+        Engine(f"ours int8 {scope}", "ours", "model", "fastwhisper", True, build_ours_int8(scope))
+        for scope in INT8_SCOPES]
     return [
         Engine("ours", "ours", "model", "fastwhisper", True, build_ours),
+    ] + ours_int8 + [
         Engine("openai-whisper decode", "openai", "whisper", "openai-whisper", True, build_openai_decode),
         Engine("openai-whisper transcribe", "openai", "whisper", "openai-whisper", False, build_openai_transcribe),
         Engine("transformers generate", "transformers", "transformers", "transformers", True, build_transformers),
@@ -348,7 +365,8 @@ def print_summary(rows):
     if "ours" not in at_1:
         return
     print(f"\nbatch 1: ours RTF {at_1['ours']['rtf']:.4f}")
-    for name in ("faster-whisper float32", "faster-whisper float16", "faster-whisper int8"):
+    for name in [f"ours int8 {scope}" for scope in INT8_SCOPES] + ["faster-whisper float32", "faster-whisper float16",
+                                                                   "faster-whisper int8"]:
         if name in at_1:
             print(f"  {name}: RTF {at_1[name]['rtf']:.4f}, {at_1[name]['time_vs_ours']:.2f}x our time")
 

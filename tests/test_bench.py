@@ -229,7 +229,7 @@ def test_models_decodes_several_trained_students_each_under_its_own_context(tmp_
 def test_audio_context_flags_override_every_model(one_thread):
     def contexts(audio_ctx, audio_margin):
         args = SimpleNamespace(teacher="tiny.en", student=None, students=["2,1"], quick=True, audio_ctx=audio_ctx,
-                               audio_margin=audio_margin)
+                               audio_margin=audio_margin, int8=None)
         return [c.model.audio_context for c in bench_models.load_contenders(args, torch.device("cpu"), None)]
 
     from model import AudioContext
@@ -237,6 +237,26 @@ def test_audio_context_flags_override_every_model(one_thread):
     assert contexts(None, None) == [AudioContext(), AudioContext()]
     assert contexts("dynamic", 4) == [AudioContext("dynamic", 4)] * 2
     assert contexts(None, 4) == [AudioContext(), AudioContext()]  # a margin alone changes only dynamic models
+
+
+def test_int8_adds_every_model_again_with_int8_weights(one_thread):
+    from quantize import Int8Weight
+
+    args = SimpleNamespace(teacher="tiny.en", student=None, students=["2,1"], quick=True, audio_ctx=None,
+                           audio_margin=None, int8=["output", "all"])
+    contenders = bench_models.load_contenders(args, torch.device("cpu"), None)
+    assert [c.name for c in contenders] == [
+        "teacher tiny.en", "student (2,1)", "teacher tiny.en int8 output", "student (2,1) int8 output",
+        "teacher tiny.en int8 all", "student (2,1) int8 all"]
+    assert [c.forced_length for c in contenders] == [False, True] * 3
+    assert [bench_models.model_row(c)["int8"] for c in contenders] == [None, None, "output", "output", "all", "all"]
+    for plain, output, every in zip(contenders[:2], contenders[2:4], contenders[4:]):
+        assert len({id(plain.model), id(output.model), id(every.model)}) == 3
+        assert not isinstance(plain.model.decoder.inference_weight, Int8Weight)
+        assert isinstance(output.model.decoder.inference_weight, Int8Weight)
+        assert not isinstance(output.model.encoder.blocks[0].mlp[0].inference_weight, Int8Weight)
+        assert isinstance(every.model.encoder.blocks[0].mlp[0].inference_weight, Int8Weight)
+
 
 
 def test_trained_students_are_named_by_the_shortest_ending_that_tells_them_apart():
@@ -258,13 +278,14 @@ def test_peers_quick_openai_cpu(tmp_path):
     check_plot(report, plot_path)
     rows = report["rows"]
     assert [(r["model"], r["batch_size"]) for r in rows] == [
-        ("ours", 1), ("ours", 2), ("openai-whisper decode", 1), ("openai-whisper decode", 2),
-        ("openai-whisper transcribe", 1)]  # transcribe takes one utterance per call
+        ("ours", 1), ("ours", 2), ("ours int8 all", 1), ("ours int8 all", 2),
+        ("ours int8 output", 1), ("ours int8 output", 2), ("openai-whisper decode", 1),
+        ("openai-whisper decode", 2), ("openai-whisper transcribe", 1)]  # transcribe takes one utterance per call
     openai_version = importlib.metadata.version("openai-whisper")
     for row in rows:
         assert set(row) == set(bench_peers.ROW_FIELDS)
         assert row["status"] == "ok", row["status"]
-        assert row["version"] == (None if row["model"] == "ours" else openai_version)
+        assert row["version"] == (None if row["model"].startswith("ours") else openai_version)
         check_run_numbers(row, report["utterances"]["audio_seconds"])
         assert 0 <= row["wer"] < 0.3 and len(row["hypotheses"]) == report["utterances"]["n"]
         ours = next(r for r in rows if r["model"] == "ours" and r["batch_size"] == row["batch_size"])

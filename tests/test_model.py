@@ -73,7 +73,7 @@ def test_kv_cache_steps_equal_full_forward(loaded, data_dir):
 def test_optimized_for_decoding_takes_another_path_to_the_same_logits(loaded, data_dir):
     ours, _ = loaded
     fast = copy.deepcopy(ours).optimize_for_decoding()
-    assert onednn_linear_available() and fast.decoder.onednn  # else this test would compare a path with itself
+    assert onednn_linear_available() and fast.decoder.inference_weight  # else this test would compare a path with itself
     mel, tokens = _mels(data_dir), _prompt(ours, 8)
     audio = ours.embed_audio(mel)
 
@@ -116,7 +116,7 @@ def test_blocked_weights_follow_updates_to_the_weights(data_dir):
     onednn_bf16 = onednn_takes(torch.bfloat16)
     print(f"bfloat16 path: {'oneDNN blocked weights' if onednn_bf16 else 'F.linear fallback'} "
           f"({torch.backends.cpu.get_cpu_capability()})")
-    blocked = fast.decoder.onednn._blocked
+    blocked = fast.decoder.inference_weight._blocked
     assert (blocked.dtype == torch.bfloat16) == onednn_bf16  # else the copy is still the float32 one
 
 
@@ -136,7 +136,7 @@ def test_bfloat16_falls_back_to_plain_linear_where_onednn_cannot_take_it(monkeyp
         fast = copy.deepcopy(plain).optimize_for_decoding()
     tokens, audio = torch.randint(0, 50000, (2, 5)), torch.randn(2, 1500, 64)
     assert torch.equal(_decoder_logits(fast, tokens, audio), _decoder_logits(plain, tokens, audio))
-    assert fast.decoder.onednn._blocked is None  # no reorder was attempted
+    assert fast.decoder.inference_weight._blocked is None  # no reorder was attempted
 
 
 @pytest.mark.parametrize("reorder_works", [True, False])
