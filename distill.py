@@ -16,11 +16,14 @@ Steps (prepare.py, then training.py):
 3. train: the student (the teacher's encoder, frozen, and --decoder-layers of its decoder) with the loss of
    --method, on the cached data; the dev WER now and then; the best student kept as OUT/student.pt,
    which transcribe.py, evaluate.py and bench.py load with its audio-context policy (the real length + margin).
+4. report: the student's speed-up over the teacher at batch 1 (float32, and on CPU both with int8 weights,
+   quantize.py), and both models on the long recordings of --long-form.
 OUT/checkpoint.pt holds the training state; it is written atomically, periodically, on SIGINT/SIGTERM and at
 the end, and --resume continues from it with the same results as an unbroken run. --max-minutes ends a run
 early as its last step would (dev WER, student kept, closing report).
 """
 import argparse
+import copy
 import json
 import os
 import signal
@@ -29,6 +32,7 @@ import sys
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -41,6 +45,7 @@ from decoding import NO_FALLBACK
 from evaluate import long_form
 from load import atomic_save, default_device, load_model, save_checkpoint
 from model import AudioContext
+from quantize import DEFAULT_SCOPE, int8_for_decoding
 from prepare import (
     TargetSettings, attach_prompts, cache_targets, filter_by_wer, label_examples, labelling_key, plan_examples,
     targets_key, training_utterances,
@@ -237,11 +242,14 @@ def prepare(args, teacher, student, tokenizer, rank, world, log):
 
 
 @torch.no_grad()
-def speed_up(teacher, student, clips, rounds: int = 2) -> float:
-    """The student's speed-up over the teacher at batch 1 (greedy, float32, each on its own audio context),
-    timed alternately per clip so that load on a shared machine falls on both."""
+def speed_up(teacher, student, clips, rounds: int = 2, int8: Optional[str] = None) -> float:
+    """The student's speed-up over the teacher at batch 1 (greedy, float32 activations, each on its own audio
+    context; with `int8`, copies of both with int8 weights in that scope), timed alternately per clip so that
+    load on a shared machine falls on both."""
     spent = {"teacher": 0.0, "student": 0.0}
     fast = {"teacher": teacher.optimize_for_decoding(), "student": student.optimize_for_decoding()}
+    if int8:
+        fast = {name: int8_for_decoding(copy.deepcopy(model), int8) for name, model in fast.items()}
     for name, model in fast.items():  # warm-up
         transcribe_clips(model, clips[:1], GREEDY, NO_FALLBACK, batch_size=1)
     for _ in range(rounds):
@@ -261,6 +269,9 @@ def closing_report(args, teacher, out: Path, dev, log):
         log(f"measuring the student's speed-up over the teacher on {len(clips)} dev clips (batch 1, float32)")
         ratio = speed_up(teacher, student, clips)
         log(f"student speed-up over the teacher: {ratio:.2f}x", speed_up=ratio)
+        if teacher.device.type == "cpu":  # the faster teacher a CPU user would run (quantize.py)
+            ratio = speed_up(teacher, student, clips, int8=DEFAULT_SCOPE)
+            log(f"the same, both with int8 weights ({DEFAULT_SCOPE} scope): {ratio:.2f}x", speed_up_int8=ratio)
     long_form_report(teacher, student, args.long_form, log)
     path = data_root() / SHOWCASE_AUDIO
     if path.exists():
