@@ -8,8 +8,8 @@ weights stream from memory and by the cost of each call. The largest matrix by f
 (51864 x 384 for tiny.en, 80 MB in float32): 4.9 ms per step through oneDNN on a 2-core AVX2 EPYC, 0.6 ms
 from int8 (a quarter of the bytes, fbgemm's int8 kernels). The decoder blocks' 32 small products gain less
 (~0.09 -> ~0.05 ms each), and the encoder's large ones less again. This is what faster-whisper's int8 mode
-(CTranslate2) does on CPU. Measured per token in `bench.py models` (tiny.en, batch 1): 14.1 ms in float32,
-9.9 with the projection in int8, 8.3 with the whole decoder (RESULTS.md).
+(CTranslate2) does on CPU. Measured per token in `bench.py models` (tiny.en, batch 1, the quieter of two
+runs in RESULTS.md): 14.1 ms in float32, 9.9 with the projection in int8, 8.3 with the whole decoder.
 
 How: each weight is quantised once per output row (symmetric, scale = max |w| / 127) and packed for
 fbgemm; activations are quantised per call by PyTorch's dynamic quantised linear (`quantized::linear_dynamic`,
@@ -127,13 +127,13 @@ def quantized_modules(model: Whisper, scope: str):
 
 
 # What each scope quantises, and what it cost the tiny.en teacher on the 77 dev utterances (greedy, float32
-# 6.19 % WER; RESULTS.md). The default is the output projection: most of the gain per token at almost no
-# cost (the six tiny.en students moved by -0.18 to +0.27 points; with the decoder's blocks too, +0.22 to
-# +0.75). The encoder's products cost the most accuracy.
+# 6.19 % WER; RESULTS.md). The default is the output projection: most of the gain per token at no cost we
+# can measure (the six tiny.en students moved by -0.09 to +0.09 points; with the decoder's blocks too, by
+# +0.04 to +0.31).
 SCOPES = {
-    "output": "the output projection only (6.28 % WER)",
-    "decoder": "the output projection and the decoder blocks (6.46 % WER)",
-    "all": "every matrix product, the encoder's too, as faster-whisper int8 (6.90 % WER)",
+    "output": "the output projection only (6.15 % WER)",
+    "decoder": "the output projection and the decoder blocks (6.50 % WER)",
+    "all": "every matrix product, the encoder's too, as faster-whisper int8 (6.28 % WER)",
 }
 DEFAULT_SCOPE = "output"
 
