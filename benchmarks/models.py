@@ -4,6 +4,7 @@
     python bench.py --threads 2 --student runs/askd/student.pt runs/kd/student.pt
     python bench.py --quick --device cpu --json out.json    # CI-sized (QUICK below)
     python bench.py --audio-ctx dynamic --audio-margin 16   # every model on the real length of its audio
+    python bench.py --int8 output all            # and every model again with int8 weights (quantize.py), in turns
 
 Every model is timed on the same fixed audio: real LibriSpeech utterances (evenly spaced over the chosen
 speakers' sorted list), plus windows of up to 30 s made of consecutive utterances of one chapter joined whole
