@@ -238,7 +238,7 @@ def add_model_arguments(parser: argparse.ArgumentParser):
                         help="weights and activations (default: float16 on CUDA, float32 on CPU; bfloat16 is faster on CPUs with AVX512-BF16)")
     parser.add_argument("--int8", choices=list(SCOPES), default=None, metavar="SCOPE",
                         help="CPU, float32 model: the products of SCOPE read int8 weights (quantize.py); a decoded "
-                             f"token costs less, WER rises: {'; '.join(f'{k}: {v}' for k, v in SCOPES.items())} "
+                             f"token costs less, WER rises: {'; '.join(f'{k}: {v}' for k, v in SCOPES.items()).replace('%', '%%')} "
                              f"({DEFAULT_SCOPE} is the one we recommend)")
     add_audio_context_arguments(parser)
 

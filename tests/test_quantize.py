@@ -143,6 +143,7 @@ def test_the_int8_flag_takes_a_scope():
 
     parser = argparse.ArgumentParser()
     add_model_arguments(parser)
+    assert "6.15 % WER" in " ".join(parser.format_help().split())  # each scope's measured cost, as --help says it
     assert parser.parse_args([]).int8 is None
     assert parser.parse_args(["--int8", "all"]).int8 == "all"
     with pytest.raises(SystemExit):
