@@ -132,6 +132,13 @@ def onednn_takes(dtype: torch.dtype) -> bool:
         return False
 
 
+def weight_state(weight: Tensor) -> tuple:
+    """What identifies a parameter's current values: its storage, version counter, shape, dtype and device.
+    A training step, load_state_dict or .to() changes one of them; the copies kept for inference
+    (OneDNNWeight, OutputShortlist's rows, quantize.Int8Weight) are rebuilt when it changes."""
+    return weight.data_ptr(), weight._version, weight.shape, weight.dtype, weight.device
+
+
 class OneDNNWeight:
     """A weight's copy in oneDNN's blocked layout, for CPU inference (see Whisper.optimize_for_decoding).
 
@@ -149,7 +156,7 @@ class OneDNNWeight:
         return type(self)()
 
     def blocked(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
-        key = (weight.data_ptr(), weight._version, weight.shape, dtype)
+        key = (weight_state(weight), dtype)
         if key != self._key:
             self._blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), 1)
             self._key = key
@@ -410,7 +417,7 @@ class OutputShortlist:
         """weight's rows for the shortlist (K, D): a differentiable gather when a gradient is needed."""
         if torch.is_grad_enabled() and weight.requires_grad:
             return weight[self.ids_on(weight.device)]
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        key = weight_state(weight)
         if key != self._key:
             self._rows, self._key = weight.detach()[self.ids_on(weight.device)], key
         return self._rows

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model import Linear, TextDecoder, Whisper
+from model import Linear, TextDecoder, Whisper, weight_state
 
 INT8_MAX = 127
 REDUCE_RANGE = True  # 7-bit activations: what PyTorch's x86/fbgemm dynamic quantisation uses
@@ -104,7 +104,7 @@ class Int8Weight:
         return x.device.type == "cpu" and x.dtype == torch.float32
 
     def linear(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        key = (weight.data_ptr(), weight._version, weight.shape)
+        key = weight_state(weight)
         if key != self._key:
             self._packed, self._key = pack(weight), key
             self._anchor = torch.zeros(1, weight.shape[1])  # (1, K): +1, -1, then zeros
