@@ -66,7 +66,8 @@ def add_models_flags(parser):
 
     parser.add_argument("--teacher", help=helped("model name or checkpoint", "teacher"))
     parser.add_argument("--student", nargs="+", metavar="PATH",
-                        help="trained student checkpoints: each decoded for real, beside the teacher")
+                        help="trained student checkpoints, each decoded for real beside the teacher; an official "
+                             "model's name puts that model in the table too (e.g. tiny.en beside base's students)")
     parser.add_argument("--students", nargs="+", metavar="ENC,DEC",
                         help="untrained students from make_student, as encoder,decoder layers, decoded for the "
                              f"teacher's number of steps ({models.students_help()})")

@@ -2,6 +2,7 @@
 
     python bench.py                              # the teacher and its made students on the dev utterances
     python bench.py --threads 2 --student runs/askd/student.pt runs/kd/student.pt
+    python bench.py --teacher base --student runs/base-62/student.pt tiny.en   # base's student beside tiny.en
     python bench.py --quick --device cpu --json out.json    # CI-sized (QUICK below)
     python bench.py --audio-ctx dynamic --audio-margin 16   # every model on the real length of its audio
     python bench.py --int8 output all            # and every model again with int8 weights (quantize.py), in turns
@@ -126,17 +127,29 @@ def students_help() -> str:
     return f"default for {DEFAULTS['teacher']}: {' '.join(f'{e},{d}' for e, d in shapes)}; quick: the first"
 
 
-def trained_names(paths: List[str]) -> List[str]:
-    """Table names of the trained students: "student (trained)" for one; for several, each path's shortest
-    ending that tells them apart (runs/askd/student.pt and runs/kd/student.pt: askd/student.pt, kd/student.pt)."""
-    if len(paths) <= 1:
-        return ["student (trained)"] * len(paths)
-    parts = [Path(path).parts for path in paths]
-    for n in range(1, max(map(len, parts)) + 1):
-        endings = ["/".join(p[-n:]) for p in parts]
-        if len(set(endings)) == len(endings):
-            return [f"student ({ending})" for ending in endings]
-    raise SystemExit(f"--student: a checkpoint is given twice: {' '.join(paths)}")
+def is_model_name(entry: str) -> bool:
+    """An official model's name ("tiny.en"), read by name as load_model would: a path of that name wins."""
+    return entry in MODEL_DIMS and not Path(entry).exists()
+
+
+def trained_names(entries: List[str]) -> List[str]:
+    """Table names of the --student entries. An official model: "model NAME". The checkpoints: "student
+    (trained)" for one; for several, each path's shortest ending that tells them apart (runs/askd/student.pt
+    and runs/kd/student.pt: askd/student.pt, kd/student.pt)."""
+    paths = [entry for entry in entries if not is_model_name(entry)]
+    if len(set(entries)) < len(entries):
+        raise SystemExit(f"--student: a checkpoint or model is given twice: {' '.join(entries)}")
+    names = dict.fromkeys(paths, "student (trained)")
+    if len(paths) > 1:
+        parts = [Path(path).parts for path in paths]
+        for n in range(1, max(map(len, parts)) + 1):
+            endings = ["/".join(p[-n:]) for p in parts]
+            if len(set(endings)) == len(endings):
+                names = {path: f"student ({ending})" for path, ending in zip(paths, endings)}
+                break
+        else:  # two spellings of one file ("./a.pt", "a.pt")
+            raise SystemExit(f"--student: a checkpoint is given twice: {' '.join(paths)}")
+    return [f"model {entry}" if is_model_name(entry) else names[entry] for entry in entries]
 
 
 def load_contenders(args, device, dtype) -> List[Contender]:

@@ -205,22 +205,24 @@ def test_models_decodes_several_trained_students_each_under_its_own_context(tmp_
         (tmp_path / name).mkdir()
         paths.append(tmp_path / name / "student.pt")
         save_checkpoint(student, paths[-1])
-    flags = [*QUICK_FLAGS, "--student", *map(str, paths), "--utterances", "1", "--batch-sizes", "1",
+    flags = [*QUICK_FLAGS, "--student", *map(str, paths), "tiny.en", "--utterances", "1", "--batch-sizes", "1",
              "--windows", "0", "--repeats", "1", "--sweep-seconds", "5"]
     stdout, report, _, elapsed = run_bench(flags, tmp_path, "students")
     assert elapsed < CI_SECONDS
 
-    assert report["student_checkpoints"] == [str(p) for p in paths] and report["student_checkpoint"] == str(paths[0])
+    assert report["student_checkpoints"] == [*map(str, paths), "tiny.en"]
+    assert report["student_checkpoint"] == str(paths[0])
     models = report["models"]
-    names = ["teacher tiny.en", "student (kd/student.pt)", "student (askd/student.pt)", "student (4,2)"]
+    names = ["teacher tiny.en", "student (kd/student.pt)", "student (askd/student.pt)", "model tiny.en",
+             "student (4,2)"]
     assert [m["name"] for m in models] == names
-    assert [m["source"] for m in models[1:3]] == [str(p) for p in paths]
-    assert [m["audio_context"] for m in models] == [FIXED, FIXED, {"mode": "dynamic", "margin": 8}, FIXED]
+    assert [m["source"] for m in models[1:4]] == [*map(str, paths), "tiny.en"]
+    assert [m["audio_context"] for m in models] == [FIXED, FIXED, {"mode": "dynamic", "margin": 8}, FIXED, FIXED]
     assert "dynamic +8" in stdout
-    assert [m["forced_length"] for m in models] == [False, False, False, True]
+    assert [m["forced_length"] for m in models] == [False, False, False, False, True]
     runs = {r["model"]: r for r in report["runs"]}
     assert set(runs) == set(names)
-    for name in names[1:3]:  # trained: decoded freely and scored
+    for name in names[1:4]:  # trained or official: decoded freely and scored
         assert runs[name]["wer"] is not None and math.isfinite(runs[name]["wer"])
         check_run_numbers(runs[name], report["sets"]["utterances"]["audio_seconds"])
     check_sweep(report["audio_context_sweep"], models, seconds=[5], repeats=1)
@@ -265,6 +267,19 @@ def test_trained_students_are_named_by_the_shortest_ending_that_tells_them_apart
         "student (askd/student.pt)", "student (kd/student.pt)", "student (a.pt)"]
     with pytest.raises(SystemExit):
         bench_models.trained_names(["runs/kd/student.pt", "runs/kd/student.pt"])
+    with pytest.raises(SystemExit):
+        bench_models.trained_names(["./a.pt", "a.pt"])
+
+
+def test_an_official_model_among_the_students_is_named_by_its_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert bench_models.trained_names(["runs/askd/student.pt", "tiny.en"]) == ["student (trained)", "model tiny.en"]
+    assert bench_models.trained_names(["a/student.pt", "b/student.pt", "tiny.en"]) == [
+        "student (a/student.pt)", "student (b/student.pt)", "model tiny.en"]
+    (tmp_path / "tiny.en").write_bytes(b"")  # a file of that name is a checkpoint, as load_model reads it
+    assert bench_models.trained_names(["tiny.en"]) == ["student (trained)"]
+    with pytest.raises(SystemExit):
+        bench_models.trained_names(["tiny.en", "tiny.en"])
 
 
 def test_peers_quick_openai_cpu(tmp_path):
