@@ -16,8 +16,10 @@ Steps (prepare.py, then training.py):
 3. train: the student (the teacher's encoder, frozen, and --decoder-layers of its decoder) with the loss of
    --method, on the cached data; the dev WER now and then; the best student kept as OUT/student.pt,
    which transcribe.py, evaluate.py and bench.py load with its audio-context policy (the real length + margin).
-4. report: the student's speed-up over the teacher at batch 1 (float32, and on CPU both with int8 weights,
-   quantize.py), and both models on the long recordings of --long-form.
+4. report: the student's dev WER minus the teacher's with a 95 % paired bootstrap interval (their per-utterance
+   reports are OUT/dev-student.json and OUT/dev-teacher.json, as evaluate.py --json writes them), the
+   student's speed-up over the teacher at batch 1 (float32, and on CPU both with int8 weights, quantize.py),
+   and both models on the long recordings of --long-form.
 OUT/checkpoint.pt holds the training state; it is written atomically, periodically, on SIGINT/SIGTERM and at
 the end, and --resume continues from it with the same results as an unbroken run. --max-minutes ends a run
 early as its last step would (dev WER, student kept, closing report).
@@ -42,8 +44,8 @@ from audio import load_audio
 from cache import ArrayCache
 from data import DEV_SPEAKERS, data_root, list_utterances
 from decoding import NO_FALLBACK
-from evaluate import long_form
-from load import atomic_save, default_device, load_model, save_checkpoint
+from evaluate import compare_reports, describe_comparison, long_form
+from load import atomic_save, atomic_write, default_device, load_model, save_checkpoint
 from model import AudioContext
 from quantize import DEFAULT_SCOPE, int8_for_decoding
 from prepare import (
@@ -52,12 +54,13 @@ from prepare import (
 )
 from student import make_student, output_shortlist
 from tokenizer import tokenizer_for
-from training import GREEDY, PreparedDataset, Trainer, TrainSettings, dev_scorer
+from training import GREEDY, DevScorer, PreparedDataset, Trainer, TrainSettings
 from transcribe import transcribe, transcribe_clips
 
 SHOWCASE_AUDIO = "longform/jfk.flac"  # under the data folder: transcribed by teacher and student at the end
 LONG_FORM = "longform"  # under the data folder: recordings of minutes, scored window by window at the end
 DEFAULT_DATA = ("train-clean-5", "unlabeled/train-clean-100")  # under the data folder
+DEV_REPORTS = {"teacher": "dev-teacher.json", "student": "dev-student.json"}  # in OUT: evaluate.py --json reports
 
 
 def add_config_arguments(group, config_class) -> None:
@@ -263,6 +266,7 @@ def speed_up(teacher, student, clips, rounds: int = 2, int8: Optional[str] = Non
 
 def closing_report(args, teacher, out: Path, dev, log):
     """The kept student's speed-up over the teacher, and both on long recordings and a familiar one."""
+    compare_on_dev(out, log)
     student = load_model(out / "student.pt", device=teacher.device, dtype=torch.float32)
     clips = [load_audio(u.audio) for u in dev[:: max(len(dev) // 8, 1)][:8]]
     if clips:
@@ -278,6 +282,24 @@ def closing_report(args, teacher, out: Path, dev, log):
         audio = load_audio(path)
         for name, model in (("teacher", teacher), ("student", student)):
             log(f"{name} on {SHOWCASE_AUDIO}: {transcribe(model, audio, GREEDY, NO_FALLBACK)['text'].strip()}")
+
+
+def write_dev_report(report: dict, path: Path):
+    atomic_write(path, lambda f: f.write(json.dumps(report, indent=1, ensure_ascii=False).encode()))
+
+
+def compare_on_dev(out: Path, log):
+    """The kept student's dev WER minus the teacher's, with a 95 % interval from the paired bootstrap over
+    the dev utterances: whether the dev set can tell the two apart at all."""
+    paths = [out / DEV_REPORTS[name] for name in ("student", "teacher")]
+    if not all(path.exists() for path in paths):
+        return
+    try:
+        result = compare_reports(*paths)
+    except ValueError as err:  # a damaged report costs the interval, not the run
+        log(f"warning: {err}: no student - teacher interval")
+        return
+    log(f"student - teacher dev WER: {describe_comparison(result)}", student_vs_teacher=result)
 
 
 def long_form_report(teacher, student, folder: str, log):
@@ -345,7 +367,7 @@ def main(argv=None):
                  if args.shortlist else None)
     if shortlist:
         log(f"student output layer: {len(shortlist)} of {student.dims.n_vocab} tokens", shortlist_size=len(shortlist))
-    score = dev_scorer(dev, args.batch_size)
+    score = DevScorer(dev, args.batch_size)
 
     def score_student(model):
         try:
@@ -358,6 +380,8 @@ def main(argv=None):
             save_checkpoint(student.restrict_output(shortlist), out / "student.pt", **provenance, dev_wer=wer)
         finally:
             student.restrict_output(None)
+        if wer is not None:  # the report of the student just scored, beside it
+            write_dev_report(score.last_report, out / DEV_REPORTS["student"])
 
     settings = TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings)})
     trainer = Trainer(student, dataset, config_from_arguments(args, ASKDConfig), settings, total_steps, frozen,
@@ -373,6 +397,7 @@ def main(argv=None):
         log(f"resumed from {checkpoint_path} at step {trainer.progress.step}/{trainer.progress.total_steps}")
     elif rank == 0 and dev:
         trainer.progress.teacher_wer = score(teacher)
+        write_dev_report(score.last_report, out / DEV_REPORTS["teacher"])
         log(f"teacher dev WER {100 * trainer.progress.teacher_wer:.2f}% on {len(dev)} utterances",
             step=0, teacher_dev_wer=trainer.progress.teacher_wer)
 

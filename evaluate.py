@@ -188,12 +188,32 @@ def main(argv=None):
     return 0
 
 
+def compare_reports(path_a, path_b) -> dict:
+    """paired_bootstrap of two evaluate.py --json reports; ValueError, saying which, if one is unreadable."""
+    utterances = []
+    for path in (path_a, path_b):
+        try:
+            utterances.append(json.loads(Path(path).read_text())["utterances"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: not a readable evaluate.py --json report ({err!r})") from None
+    return paired_bootstrap(*utterances)
+
+
+def describe_comparison(result: dict) -> str:
+    """A paired_bootstrap result in words, and whether the set can tell the two apart."""
+    verdict = ("the set cannot tell them apart" if result["low"] <= 0 <= result["high"] else
+               "the first is better" if result["high"] < 0 else "the second is better")
+    return (f"{100 * result['difference']:+.2f} points, 95% interval [{100 * result['low']:+.2f}, "
+            f"{100 * result['high']:+.2f}] (paired bootstrap over {result['utterances']} utterances, "
+            f"{result['words']} words): {verdict}")
+
+
 def print_comparison(path_a: str, path_b: str) -> int:
-    reports = [json.loads(Path(p).read_text()) for p in (path_a, path_b)]
-    result = paired_bootstrap(reports[0]["utterances"], reports[1]["utterances"])
-    print(f"WER {path_a} - {path_b}: {100 * result['difference']:+.2f} points, 95% interval "
-          f"[{100 * result['low']:+.2f}, {100 * result['high']:+.2f}] (paired bootstrap over "
-          f"{result['utterances']} utterances, {result['words']} words)")
+    try:
+        result = compare_reports(path_a, path_b)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}")
+    print(f"WER {path_a} - {path_b}: {describe_comparison(result)}")
     print(json.dumps(result))
     return 0
 

@@ -421,11 +421,17 @@ class Trainer:
         return True
 
 
-def dev_scorer(dev_utterances, batch_size: int):
-    """score(model) -> dev WER (greedy, no fallback), each model on its own audio context."""
-    def score(model: Whisper) -> Optional[float]:
-        if not dev_utterances:
+class DevScorer:
+    """score(model) -> dev WER (greedy, no fallback), each model on its own audio context. The last
+    evaluate() report is kept: its per-utterance counts give the paired bootstrap of student vs teacher."""
+
+    def __init__(self, dev_utterances, batch_size: int):
+        self.dev_utterances, self.batch_size = dev_utterances, batch_size
+        self.last_report: Optional[dict] = None
+
+    def __call__(self, model: Whisper) -> Optional[float]:
+        if not self.dev_utterances:
             return None
         model.eval()
-        return evaluate(model, dev_utterances, GREEDY, NO_FALLBACK, batch_size, progress=False)["wer"]
-    return score
+        self.last_report = evaluate(model, self.dev_utterances, GREEDY, NO_FALLBACK, self.batch_size, progress=False)
+        return self.last_report["wer"]

@@ -340,6 +340,11 @@ def test_each_method_trains_and_writes_a_loadable_student(data_dir, tmp_path, sh
     assert all(0 <= r["share_forward"] <= 1 and r["audio_s_per_s"] > 0 for r in records)
     done = _log(out)[-1]
     assert done["done"] and 0 <= done["student_dev_wer"] and 0 <= done["teacher_dev_wer"] < 0.2
+    reports = {name: json.loads((out / f"dev-{name}.json").read_text()) for name in ("student", "teacher")}
+    assert [reports[name]["wer"] for name in ("student", "teacher")] == [done["student_dev_wer"], done["teacher_dev_wer"]]
+    compared = next(r["student_vs_teacher"] for r in _log(out) if "student_vs_teacher" in r)
+    assert compared["utterances"] == 2 and compared["low"] <= compared["difference"] <= compared["high"]
+    assert math.isclose(compared["difference"], done["student_dev_wer"] - done["teacher_dev_wer"], abs_tol=1e-9)
     prepared = next(r["preparation"] for r in _log(out) if "preparation" in r)
     assert prepared["windows"] == 1 and prepared["examples_kept"] >= 3
     teacher_long = next(r["teacher_long_form"] for r in _log(out) if "teacher_long_form" in r)

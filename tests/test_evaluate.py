@@ -50,6 +50,19 @@ def test_the_command_line_compares_two_reports(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "95% interval" in run.stdout and json.loads(run.stdout.splitlines()[-1])["high"] < 0
+    assert "the first is better" in run.stdout
+
+    (tmp_path / "b.json").write_text('{"utterances": [')  # cut short, as by a crash mid-write
+    run = subprocess.run([sys.executable, "evaluate.py", "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "b.json: not a readable evaluate.py --json report" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_a_comparison_says_when_the_set_cannot_tell_two_models_apart():
+    from evaluate import describe_comparison, paired_bootstrap
+    same = _report([1, 0, 2, 1] * 5)
+    assert describe_comparison(paired_bootstrap(same, same)).endswith("the set cannot tell them apart")
 
 
 def test_long_form_counts_the_windows_that_reach_the_token_limit(data_dir, tmp_path):
