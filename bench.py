@@ -65,7 +65,7 @@ def add_models_flags(parser):
         return default_help(text, name, models.DEFAULTS, models.QUICK)
 
     parser.add_argument("--teacher", help=helped("model name or checkpoint", "teacher"))
-    parser.add_argument("--student", nargs="+", metavar="PATH",
+    parser.add_argument("--student", nargs="+", metavar="PATH|NAME",
                         help="trained student checkpoints, each decoded for real beside the teacher; an official "
                              "model's name puts that model in the table too (e.g. tiny.en beside base's students)")
     parser.add_argument("--students", nargs="+", metavar="ENC,DEC",

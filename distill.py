@@ -60,7 +60,7 @@ from transcribe import transcribe, transcribe_clips
 SHOWCASE_AUDIO = "longform/jfk.flac"  # under the data folder: transcribed by teacher and student at the end
 LONG_FORM = "longform"  # under the data folder: recordings of minutes, scored window by window at the end
 DEFAULT_DATA = ("train-clean-5", "unlabeled/train-clean-100")  # under the data folder
-DEV_REPORTS = {"teacher": "dev-teacher.json", "student": "dev-student.json"}  # in OUT: evaluate.py --json reports
+DEV_REPORTS = {"teacher": "dev-teacher.json", "student": "dev-student.json"}  # in OUT: evaluate() reports
 
 
 def add_config_arguments(group, config_class) -> None:
@@ -264,9 +264,11 @@ def speed_up(teacher, student, clips, rounds: int = 2, int8: Optional[str] = Non
     return spent["teacher"] / spent["student"]
 
 
-def closing_report(args, teacher, out: Path, dev, log):
-    """The kept student's speed-up over the teacher, and both on long recordings and a familiar one."""
-    compare_on_dev(out, log)
+def closing_report(args, teacher, out: Path, dev, student_wer: Optional[float], log):
+    """The kept student against the teacher: dev WER with its interval, speed-up, and both on long
+    recordings and a familiar one."""
+    if dev:
+        compare_on_dev(out, student_wer, log)
     student = load_model(out / "student.pt", device=teacher.device, dtype=torch.float32)
     clips = [load_audio(u.audio) for u in dev[:: max(len(dev) // 8, 1)][:8]]
     if clips:
@@ -284,22 +286,32 @@ def closing_report(args, teacher, out: Path, dev, log):
             log(f"{name} on {SHOWCASE_AUDIO}: {transcribe(model, audio, GREEDY, NO_FALLBACK)['text'].strip()}")
 
 
-def write_dev_report(report: dict, path: Path):
-    atomic_write(path, lambda f: f.write(json.dumps(report, indent=1, ensure_ascii=False).encode()))
+def write_dev_report(report: dict, model: str, path: Path):
+    """An evaluate() report (per-utterance hypotheses and error counts) with the model's name, as
+    evaluate.py --json writes one: evaluate.py --compare reads it."""
+    text = json.dumps({"model": model, **report}, indent=1, ensure_ascii=False)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def compare_on_dev(out: Path, log):
+def compare_on_dev(out: Path, student_wer: Optional[float], log):
     """The kept student's dev WER minus the teacher's, with a 95 % interval from the paired bootstrap over
     the dev utterances: whether the dev set can tell the two apart at all."""
     paths = [out / DEV_REPORTS[name] for name in ("student", "teacher")]
-    if not all(path.exists() for path in paths):
+    missing = [path.name for path in paths if not path.exists()]
+    if missing:  # a run resumed from a checkpoint older than these reports
+        log(f"note: no {' or '.join(missing)} in {out}: no student - teacher interval")
         return
     try:
         result = compare_reports(*paths)
-    except ValueError as err:  # a damaged report costs the interval, not the run
+        reported_wer = json.loads(paths[0].read_text())["wer"]
+    except (ValueError, KeyError) as err:  # a damaged report costs the interval, not the run
         log(f"warning: {err}: no student - teacher interval")
         return
-    log(f"student - teacher dev WER: {describe_comparison(result)}", student_vs_teacher=result)
+    if reported_wer != student_wer:  # killed between writing student.pt and its report
+        log(f"warning: {paths[0]} is not the report of the kept student.pt: no student - teacher interval")
+        return
+    log(f"student - teacher dev WER: {describe_comparison(result, ('the student', 'the teacher'))}",
+        student_vs_teacher=result)
 
 
 def long_form_report(teacher, student, folder: str, log):
@@ -381,7 +393,7 @@ def main(argv=None):
         finally:
             student.restrict_output(None)
         if wer is not None:  # the report of the student just scored, beside it
-            write_dev_report(score.last_report, out / DEV_REPORTS["student"])
+            write_dev_report(score.last_report, str(out / "student.pt"), out / DEV_REPORTS["student"])
 
     settings = TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings)})
     trainer = Trainer(student, dataset, config_from_arguments(args, ASKDConfig), settings, total_steps, frozen,
@@ -389,17 +401,20 @@ def main(argv=None):
     if args.resume:
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
         for key in ("teacher", "method", "decoder_layers", "encoder_layers", "trainable_encoder_layers", "batch_size",
-                    "seed", "grad_accum", "prompt_share"):
+                    "seed", "grad_accum", "prompt_share", "exclude_speakers", "eval_data", "eval_limit"):
             if state["args"].get(key) != getattr(args, key):
                 raise SystemExit(f"error: --{key.replace('_', '-')} is {getattr(args, key)!r} but the checkpoint "
                                  f"was made with {state['args'].get(key)!r}")
         trainer.restore(state)
         log(f"resumed from {checkpoint_path} at step {trainer.progress.step}/{trainer.progress.total_steps}")
-    elif rank == 0 and dev:
-        trainer.progress.teacher_wer = score(teacher)
-        write_dev_report(score.last_report, out / DEV_REPORTS["teacher"])
-        log(f"teacher dev WER {100 * trainer.progress.teacher_wer:.2f}% on {len(dev)} utterances",
-            step=0, teacher_dev_wer=trainer.progress.teacher_wer)
+    elif rank == 0:
+        for name in DEV_REPORTS.values():  # an earlier run's in this OUT would pass for this one's
+            (out / name).unlink(missing_ok=True)
+        if dev:
+            trainer.progress.teacher_wer = score(teacher)
+            write_dev_report(score.last_report, str(args.teacher), out / DEV_REPORTS["teacher"])
+            log(f"teacher dev WER {100 * trainer.progress.teacher_wer:.2f}% on {len(dev)} utterances",
+                step=0, teacher_dev_wer=trainer.progress.teacher_wer)
 
     def save_state(state):
         atomic_save(dict(state, args=vars(args), config=asdict(trainer.config)), checkpoint_path)
@@ -418,7 +433,7 @@ def main(argv=None):
                        skipped=p.skipped)
         log(f"student at {out / 'student.pt'}" + (f"; dev WER teacher {100 * p.teacher_wer:.2f}%, student "
                                                    f"{100 * p.best_wer:.2f}%" if p.best_wer is not None else ""))
-        closing_report(args, teacher, out, dev, log)
+        closing_report(args, teacher, out, dev, p.best_wer, log)
         log(None, **summary)
     if world > 1:
         dist.destroy_process_group()

@@ -196,13 +196,16 @@ def compare_reports(path_a, path_b) -> dict:
             utterances.append(json.loads(Path(path).read_text())["utterances"])
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{path}: not a readable evaluate.py --json report ({err!r})") from None
-    return paired_bootstrap(*utterances)
+    try:
+        return paired_bootstrap(*utterances)
+    except (KeyError, TypeError, AttributeError) as err:  # parsed, but not per-utterance counts
+        raise ValueError(f"{path_a}, {path_b}: utterances without per-utterance counts ({err!r})") from None
 
 
-def describe_comparison(result: dict) -> str:
-    """A paired_bootstrap result in words, and whether the set can tell the two apart."""
+def describe_comparison(result: dict, names=("the first", "the second")) -> str:
+    """A paired_bootstrap result of names[0] - names[1] in words, and whether the set can tell them apart."""
     verdict = ("the set cannot tell them apart" if result["low"] <= 0 <= result["high"] else
-               "the first is better" if result["high"] < 0 else "the second is better")
+               f"{names[0]} is better" if result["high"] < 0 else f"{names[1]} is better")
     return (f"{100 * result['difference']:+.2f} points, 95% interval [{100 * result['low']:+.2f}, "
             f"{100 * result['high']:+.2f}] (paired bootstrap over {result['utterances']} utterances, "
             f"{result['words']} words): {verdict}")

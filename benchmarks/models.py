@@ -538,7 +538,8 @@ def report_notes(device):
         "speedup_vs_teacher: teacher total_s / this total_s on the same set, decoder and batch size",
         "audio_context (models): what each model heard in runs and split: {mode: fixed (30 s windows) or dynamic "
         "(the real length plus margin positions of 20 ms)}, its own or --audio-ctx/--audio-margin "
-        "(audio_context_override); student_checkpoint: the first of student_checkpoints, for older readers",
+        "(audio_context_override); student_checkpoints: the --student entries (checkpoints, or official models "
+        "by name); student_checkpoint: the first checkpoint among them, for older readers",
         f"audio_context_sweep: batch 1, greedy; each clip the first N seconds of the dev speech end to end; per model "
         f"and clip, fixed (3000 Mel frames, 1500 positions) vs dynamic (the clip's positions + the model's margin, "
         f"or default_margin for a fixed model); encoder/first_step/per_token_ms as in split (per_token: mean of "
@@ -594,7 +595,8 @@ def run(args):
 
     report = header
     report.update(
-        teacher=args.teacher, student_checkpoint=(args.student or [None])[0], student_checkpoints=args.student or [],
+        teacher=args.teacher, student_checkpoints=args.student or [],
+        student_checkpoint=next((s for s in args.student or [] if not is_model_name(s)), None),
         audio_context_override=(None if args.audio_ctx is None and args.audio_margin is None
                                 else {"mode": args.audio_ctx, "margin": args.audio_margin}),
         dtype=str(teacher.model.dtype), quick=args.quick,

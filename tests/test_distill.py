@@ -367,8 +367,12 @@ def test_interrupt_and_resume_gives_the_same_trajectory(data_dir, tmp_path, shar
               "--eval-every", "0", "--exclude-speakers", "")
     data = data_dir / "test-clean"
     straight = tmp_path / "straight"
+    straight.mkdir()
+    for name in ("student", "teacher"):  # an earlier run's dev reports, which this run (no dev set) must not show
+        (straight / f"dev-{name}.json").write_text(json.dumps({"wer": 0.1, "utterances": []}))
     assert _distill(straight, *common, data=data, cache=shared_cache).returncode == 0
     expected = _losses(straight)
+    assert not list(straight.glob("dev-*.json")) and not any("student_vs_teacher" in r for r in _log(straight))
 
     broken = tmp_path / "broken"
     process = _distill(broken, *common, data=data, cache=shared_cache, wait=False)

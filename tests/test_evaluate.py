@@ -57,12 +57,20 @@ def test_the_command_line_compares_two_reports(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "b.json: not a readable evaluate.py --json report" in run.stderr
     assert "Traceback" not in run.stderr
+    from evaluate import compare_reports
+    for utterances in ([1], [{"id": "u0", "words": 3}]):  # valid JSON, not per-utterance counts
+        (tmp_path / "b.json").write_text(json.dumps({"utterances": utterances}))
+        with pytest.raises(ValueError, match="per-utterance counts"):
+            compare_reports(tmp_path / "a.json", tmp_path / "b.json")
 
 
 def test_a_comparison_says_when_the_set_cannot_tell_two_models_apart():
     from evaluate import describe_comparison, paired_bootstrap
     same = _report([1, 0, 2, 1] * 5)
     assert describe_comparison(paired_bootstrap(same, same)).endswith("the set cannot tell them apart")
+    worse = _report([3, 2, 4, 3] * 5)
+    assert describe_comparison(paired_bootstrap(worse, same), ("the student", "the teacher")).endswith(
+        "the teacher is better")
 
 
 def test_long_form_counts_the_windows_that_reach_the_token_limit(data_dir, tmp_path):
