@@ -54,7 +54,7 @@ from prepare import (
 )
 from student import make_student, output_shortlist
 from tokenizer import tokenizer_for
-from training import GREEDY, DevScorer, PreparedDataset, Trainer, TrainSettings
+from training import GREEDY, DevScorer, NothingLoadable, PreparedDataset, Trainer, TrainSettings
 from transcribe import transcribe, transcribe_clips
 
 SHOWCASE_AUDIO = "longform/jfk.flac"  # under the data folder: transcribed by teacher and student at the end
@@ -132,12 +132,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt.add_argument("--warmup", type=int, default=50, help="warm-up steps")
     opt.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
     opt.add_argument("--spec-augment", action="store_true", help="mask random Mel bands and time spans "
-                                                                 "(with --trainable-encoder-layers -1 only)")
+                                                                 "(only where the student trains from the log-Mel: --trainable-encoder-layers -1 or --encoder-layers N)")
     opt.add_argument("--max-steps", type=int, default=None, help="optimiser steps (default: from --epochs)")
     opt.add_argument("--epochs", type=float, default=2, help="passes over the examples; with the defaults one "
                      "epoch is ~62 steps of ~4.5 s for tiny.en on a 2-core CPU")
-    opt.add_argument("--max-minutes", type=float, default=0, help="end training after this many minutes, as the "
-                     "last step would (dev WER, student kept, closing report); 0: no limit")
+    opt.add_argument("--max-minutes", type=float, default=0, help="a time budget for training: after 10 timed "
+                     "steps the schedules are laid over the steps that fit; the run then ends as its last step "
+                     "would (dev WER, student kept, closing report); 0: no limit")
     book = p.add_argument_group("bookkeeping")
     book.add_argument("--eval-every", type=int, default=0, help="steps between dev evaluations (0: only at the end; "
                                                                 "each costs about a minute with tiny.en)")
@@ -147,8 +148,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     book.add_argument("--seed", type=int, default=0)
     book.add_argument("--device", default=None)
     args = p.parse_args(argv)
-    if args.spec_augment and args.trainable_encoder_layers != -1:
-        p.error("--spec-augment changes the encoder's input: it needs --trainable-encoder-layers -1")
+    if args.spec_augment and args.trainable_encoder_layers != -1 and args.encoder_layers is None:
+        p.error("--spec-augment changes the encoder's input: it needs the student trained from the log-Mel "
+                "(--trainable-encoder-layers -1, or a thinned encoder: --encoder-layers N)")
     return args
 
 
@@ -423,7 +425,10 @@ def main(argv=None):
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: trainer.request_stop(signal.Signals(signum).name))
     log(f"training {total_steps} steps of {args.batch_size} ({args.method}, {len(dataset)} examples)")
-    finished = trainer.train(save_state)
+    try:
+        finished = trainer.train(save_state)
+    except NothingLoadable as err:
+        raise SystemExit(f"error: {err}")
     if not finished:
         log(f"stopped at step {trainer.progress.step}/{total_steps} ({trainer.stop_reason}); checkpoint saved: "
             f"continue with --out {out} --resume")

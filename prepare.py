@@ -30,7 +30,7 @@ from audio import HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE, AudioError, load_au
 from cache import ArrayCache, fingerprint_files, fingerprint_model
 from data import IGNORE_LABEL, Utterance, chapter_of, list_utterances, training_tokens, window_runs
 from decoding import DecodingOptions, FallbackRules, decode_with_fallback, prompt_limit
-from evaluate import word_error_rate
+from evaluate import normalize, word_error_rate
 from model import AudioContext, Whisper
 from tokenizer import Tokenizer
 from transcribe import clip_mels, frames_of_samples
@@ -89,9 +89,13 @@ def load_example_audio(example: Example) -> np.ndarray:
     return audio
 
 
-def item_name(example: Example) -> str:
-    """The cache's name for an example: its audio's content and its target's form."""
-    return f"{fingerprint_files(example.audio)}-{'ts' if example.timestamps else 'tx'}"
+def item_name(example: Example) -> Optional[str]:
+    """The cache's name for an example: its audio's content and its target's form; None if a file of it
+    cannot be read (it is then counted as unreadable, not cached: it may be back on the next run)."""
+    try:
+        return f"{fingerprint_files(example.audio)}-{'ts' if example.timestamps else 'tx'}"
+    except OSError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +132,10 @@ def label_examples(teacher: Whisper, examples: Sequence[Example], cache: ArrayCa
     """Transcribe (with the teacher, 30 s windows) every example the cache lacks; return the labelled ones
     and counts of what was skipped. Unreadable or over-long audio is recorded once, counted and reported."""
     names = [item_name(e) for e in examples]
-    todo = [(e, n) for e, n in zip(examples, names) if not (cache.has(n) and cache.verify(n))]
+    for example, name in zip(examples, names):
+        if name is None:
+            log(f"warning: skipping {example.id}: cannot read {', '.join(map(str, example.audio[:2]))}")
+    todo = [(e, n) for e, n in zip(examples, names) if n is not None and not (cache.has(n) and cache.verify(n))]
     if todo:
         log(f"labelling {len(todo)} of {len(examples)} examples with the teacher (cache: {cache.folder})")
     for timestamps in (False, True):
@@ -161,7 +168,7 @@ def _label_batch(teacher, batch, options, cache, log):
 def _collect_labels(examples, names, cache, log):
     labelled, counts = [], dict(examples=len(examples), unreadable=0, empty=0)
     for example, name in zip(examples, names):
-        fields = cache.fields(name)
+        fields = None if name is None else cache.fields(name)
         if fields is None or "error" in fields:
             counts["unreadable"] += 1
         elif not fields["text"].strip():
@@ -173,9 +180,14 @@ def _collect_labels(examples, names, cache, log):
 
 def filter_by_wer(labelled: List[Labelled], threshold: float) -> Tuple[List[Labelled], int]:
     """Drop pseudo-labels whose WER against the reference is above threshold (the teacher got it wrong);
-    examples without a reference are kept as they are."""
-    kept = [x for x in labelled if x.example.reference is None
-            or word_error_rate([x.example.reference], [x.text])["wer"] <= threshold]
+    examples without a reference, or whose reference normalises to nothing (no words to score), are kept
+    as they are."""
+    def wrong(x: Labelled) -> bool:
+        if x.example.reference is None or not normalize(x.example.reference).strip():
+            return False
+        return word_error_rate([x.example.reference], [x.text])["wer"] > threshold
+
+    kept = [x for x in labelled if not wrong(x)]
     return kept, len(labelled) - len(kept)
 
 

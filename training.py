@@ -35,6 +35,7 @@ from tokenizer import Tokenizer
 from transcribe import clip_mels, frames_of_samples
 
 GREEDY = DecodingOptions(language="en", without_timestamps=True)
+BUDGET_CALIBRATION_STEPS = 10  # steps timed before a --max-minutes run lays its schedules over what fits
 SECONDS_PER_POSITION = 0.02  # an encoder position: two 10 ms Mel frames
 TEACHER_ARRAYS = ("top_values", "top_ids", "lse_1", "lse_t")  # per labelled token: see prepare.teacher_top_k
 
@@ -193,6 +194,17 @@ class TrainSettings:
     max_minutes: Optional[float]
     workers: int
     seed: int
+
+
+class NothingLoadable(RuntimeError):
+    """Training cannot go on: no example of a whole epoch loads."""
+
+
+def steps_that_fit(step: int, steps_timed: int, elapsed_s: float, budget_s: float, total_steps: int) -> int:
+    """The total step count that ends a run within its time budget at the pace of the steps timed so far
+    (never more than planned, never fewer than one more step)."""
+    pace = elapsed_s / steps_timed
+    return max(min(total_steps, step + int((budget_s - elapsed_s) / pace)), step + 1)
 
 
 class Trainer:
@@ -377,8 +389,45 @@ class Trainer:
         if self.rank == 0:
             save_checkpoint(self.checkpoint())
 
+    def fit_schedules_to_budget(self, start: float, first_step: int):
+        """With --max-minutes, shrink total_steps to what fits at the pace measured so far, so that the
+        schedules (askd's phases, the learning rate's decay) run to their end inside the budget instead of
+        being cut short."""
+        p = self.progress
+        elapsed = time.time() - start
+        fits = steps_that_fit(p.step, p.step - first_step, elapsed, 60 * self.settings.max_minutes, p.total_steps)
+        if self.world > 1:  # every process keeps the same schedule: the slowest pace decides
+            fits_all = torch.tensor(float(fits), device=self.device)
+            dist.all_reduce(fits_all, op=dist.ReduceOp.MIN)
+            fits = int(fits_all.item())
+        if fits < p.total_steps:
+            self.log(f"--max-minutes {self.settings.max_minutes}: at {elapsed / (p.step - first_step):.1f} s a step, "
+                     f"{fits} of the {p.total_steps} planned steps fit; the schedules now end at step {fits}",
+                     budget_total_steps=fits, planned_total_steps=p.total_steps)
+            p.total_steps = fits
+
+    def next_group(self, stream) -> Optional[List[dict]]:
+        """grad_accum batches with at least one loadable example each; None if a stop was requested while
+        looking. A whole epoch with nothing loadable (the audio gone) is an error, not an endless loop."""
+        group, empty_in_a_row = [], 0
+        while len(group) < self.settings.grad_accum:
+            if self.stop_reason is not None and self.world == 1:  # with several, all stop after a step
+                return None
+            batch = next(stream)
+            self.progress.skipped += batch["skipped"]
+            if batch["size"]:
+                group.append(batch)
+                empty_in_a_row = 0
+            else:
+                empty_in_a_row += 1
+                if empty_in_a_row > len(self.dataset) // self.settings.batch_size + 1:
+                    raise NothingLoadable("not one example of a whole epoch could be loaded (is the audio still "
+                                          "there?); the checkpoint is saved: fix it and continue with --resume")
+        return group
+
     def train(self, save_checkpoint: Callable) -> bool:
-        """Train to total_steps, or until --max-minutes is spent: a time budget ends the run as its last step
+        """Train to total_steps, or until --max-minutes is spent: a time budget first lays the schedules over
+        the steps that fit (after BUDGET_CALIBRATION_STEPS timed ones), then ends the run as its last step
         would (evaluated, the student kept). False if stopped by a signal (saved, resumable)."""
         s, p = self.settings, self.progress
         start, first_step = time.time(), p.step
@@ -387,13 +436,15 @@ class Trainer:
         window_start, window_tokens, window_audio = time.perf_counter(), 0, 0.0
         while p.step < p.total_steps:
             tick = time.perf_counter()
-            group = []
-            while len(group) < s.grad_accum:
-                batch = next(stream)
-                p.skipped += batch["skipped"]
-                if batch["size"]:
-                    group.append(batch)
+            try:
+                group = self.next_group(stream)
+            except NothingLoadable:
+                self.save(save_checkpoint)
+                raise
             clock["data"] += time.perf_counter() - tick
+            if group is None:  # a stop was requested: save as after a step
+                self.save(save_checkpoint)
+                return False
             stats = self.optimizer_step(group, clock)
             window_tokens += stats["tokens"]
             window_audio += stats["audio_s"]
@@ -411,12 +462,17 @@ class Trainer:
                 self.save(save_checkpoint)
             if stop:
                 return False
+            if s.max_minutes and p.step - first_step == BUDGET_CALIBRATION_STEPS:
+                self.fit_schedules_to_budget(start, first_step)
             if self.any_rank(bool(s.max_minutes) and time.time() - start > 60 * s.max_minutes):
-                self.log(f"--max-minutes {s.max_minutes} spent at step {p.step}/{p.total_steps}: ending here",
+                self.log(f"--max-minutes {s.max_minutes} spent at step {p.step}/{p.total_steps}: ending here"
+                         + ("" if p.step == p.total_steps else
+                            f", at {p.step / p.total_steps:.0%} of the schedules (slower steps than the first ones)"),
                          budget_end_step=p.step)
                 break
-        self.save(save_checkpoint)
+        self.save(save_checkpoint)  # the work first, then the last evaluation, then the state that knows it
         self.evaluate_and_keep_best(last=True)
+        self.save(save_checkpoint)
         self.log(f"trained {p.step - first_step} steps in {time.time() - start:.0f} s")
         return True
 

@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,7 +27,8 @@ from transcribe import clip_mels
 from cache import ArrayCache
 from data import DEV_SPEAKERS
 from decoding import DecodingOptions, initial_tokens
-from prepare import Example, Labelled, attach_prompts, label_examples, labelling_key, plan_examples
+from prepare import Example, Labelled, attach_prompts, filter_by_wer, label_examples, labelling_key, plan_examples
+from training import NothingLoadable, Progress, Trainer, steps_that_fit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -280,6 +283,47 @@ def test_labelling_resumes_and_recomputes_only_what_is_missing_or_damaged(teache
     assert [x.text for x in labelled[:2]] == [x.text for x in first] and counts["unreadable"] == 0
 
 
+def test_a_missing_audio_file_is_counted_unreadable_not_fatal(teacher, data_dir, tmp_path):
+    examples = plan_examples(list_utterances(data_dir / "test-clean")[:1], timestamp_share=0.0, windows=0)
+    gone = Example("1-2-0003", (tmp_path / "moved-away.flac",), "SOME WORDS", False)
+    cache = ArrayCache(tmp_path / "labels", labelling_key(teacher), log=lambda *a: None)
+    messages = []
+    labelled, counts = label_examples(teacher, examples + [gone], cache, batch_size=2, log=messages.append)
+    assert [x.example.id for x in labelled] == [examples[0].id] and counts["unreadable"] == 1
+    assert any("moved-away.flac" in m for m in messages)
+
+
+def test_the_wer_filter_keeps_a_reference_without_words():
+    hum = replace(_labelled("11-22-0000", [1]), text="hmm")
+    hum = replace(hum, example=replace(hum.example, reference="Hmm."))  # normalises to nothing: no words to score
+    wrong = replace(_labelled("11-22-0001", [2]), text="completely different words")
+    wrong = replace(wrong, example=replace(wrong.example, reference="the cat sat"))
+    kept, dropped = filter_by_wer([hum, wrong], threshold=0.2)
+    assert kept == [hum] and dropped == 1
+
+
+def test_a_time_budget_lays_the_schedules_over_the_steps_that_fit():
+    assert steps_that_fit(step=10, steps_timed=10, elapsed_s=100, budget_s=300, total_steps=378) == 30
+    assert steps_that_fit(step=10, steps_timed=10, elapsed_s=100, budget_s=10_000, total_steps=378) == 378
+    assert steps_that_fit(step=10, steps_timed=10, elapsed_s=400, budget_s=300, total_steps=378) == 11
+    logged = []
+    trainer = SimpleNamespace(progress=Progress(step=10, total_steps=378), settings=SimpleNamespace(max_minutes=5),
+                              world=1, log=lambda message=None, **record: logged.append(record))
+    Trainer.fit_schedules_to_budget(trainer, start=time.time() - 100, first_step=0)
+    assert trainer.progress.total_steps in (29, 30) and logged[0]["planned_total_steps"] == 378
+
+
+def test_an_epoch_with_nothing_loadable_is_an_error_not_an_endless_loop():
+    trainer = SimpleNamespace(progress=Progress(), settings=SimpleNamespace(grad_accum=1, batch_size=2),
+                              dataset=[0] * 10, stop_reason=None, world=1)
+    nothing = iter([dict(skipped=2, size=0)] * 1000)
+    with pytest.raises(NothingLoadable, match="--resume"):
+        Trainer.next_group(trainer, nothing)
+    assert trainer.progress.skipped == 2 * 7  # one epoch's worth of batches, plus one, then the error
+    trainer.stop_reason = "SIGINT"  # Ctrl-C while looking for a loadable batch is heard
+    assert Trainer.next_group(trainer, nothing) is None
+
+
 def test_long_windows_join_consecutive_utterances_of_a_chapter(data_dir):
     utterances = list_utterances(data_dir / "train-clean-5", exclude_speakers=DEV_SPEAKERS)[:40]
     examples = plan_examples(utterances, timestamp_share=0.0, windows=5)
@@ -409,6 +453,15 @@ def test_a_time_budget_ends_the_run_like_its_last_step(data_dir, tmp_path, share
     assert log[-1]["done"] and log[-1]["step"] == 1 and log[-1]["student_dev_wer"] is not None
     assert (out / "student.pt").exists() and any("speed_up" in r for r in log)
     assert any(r.get("speed_up_int8", 0) > 0 for r in log)  # the same ratio with both in int8 (CPU)
+
+
+def test_spec_augment_only_where_the_student_trains_from_the_log_mel():
+    from distill import parse_args
+
+    with pytest.raises(SystemExit):  # a cached encoder output cannot follow a masked input
+        parse_args(["--spec-augment"])
+    assert parse_args(["--spec-augment", "--trainable-encoder-layers", "-1"]).spec_augment
+    assert parse_args(["--spec-augment", "--encoder-layers", "2"]).spec_augment  # thinned: trained from the log-Mel
 
 
 def test_resume_without_checkpoint_is_an_error(data_dir, tmp_path, shared_cache):
