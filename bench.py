@@ -68,9 +68,9 @@ def add_models_flags(parser):
     parser.add_argument("--student", nargs="+", metavar="PATH|NAME",
                         help="trained student checkpoints, each decoded for real beside the teacher; an official "
                              "model's name puts that model in the table too (e.g. tiny.en beside base's students)")
-    parser.add_argument("--students", nargs="+", metavar="ENC,DEC",
+    parser.add_argument("--students", nargs="*", metavar="ENC,DEC",
                         help="untrained students from make_student, as encoder,decoder layers, decoded for the "
-                             f"teacher's number of steps ({models.students_help()})")
+                             f"teacher's number of steps ({models.students_help()}; none: --students alone)")
     parser.add_argument("--decoders", nargs="+", choices=list(models.DECODERS), help=helped("", "decoders"))
     parser.add_argument("--windows", type=non_negative_int, help=helped("30 s windows of joined utterances, timed "
                                                                         "at batch 1", "windows"))

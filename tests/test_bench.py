@@ -357,6 +357,15 @@ def test_windows_of_real_speech_are_consecutive_utterances_of_a_chapter(data_dir
         assert np.array_equal(window.audio, np.concatenate([audio for _, audio, _ in joined]))
 
 
+def test_students_alone_times_no_untrained_student():
+    from bench import build_parser
+    from model import MODEL_DIMS
+
+    args = build_parser().parse_args(["models", "--student", "a.pt", "--students"])
+    assert args.students == [] and bench_models.student_shapes(args.students, MODEL_DIMS["base"], quick=False) == []
+    assert bench_models.student_shapes(None, MODEL_DIMS["base"], quick=False)[0] == (6, 2)  # unset: the defaults
+
+
 def test_unset_flags_take_the_quick_values_then_the_device_defaults():
     defaults = {"teacher": "base", "batch_sizes": bench_common.ByDevice([1, 8, 16], [1, 8]), "repeats": 3}
     quick = {"teacher": "tiny.en", "batch_sizes": [1, 2]}
