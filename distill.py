@@ -131,8 +131,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt.add_argument("--weight-decay", type=float, default=0.01)
     opt.add_argument("--warmup", type=int, default=50, help="warm-up steps")
     opt.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
-    opt.add_argument("--spec-augment", action="store_true", help="mask random Mel bands and time spans "
-                                                                 "(only where the student trains from the log-Mel: --trainable-encoder-layers -1 or --encoder-layers N)")
+    opt.add_argument("--spec-augment", action="store_true", help="mask random Mel bands and time spans (only "
+                     "where the student trains from the log-Mel: --trainable-encoder-layers -1 or --encoder-layers N)")
     opt.add_argument("--max-steps", type=int, default=None, help="optimiser steps (default: from --epochs)")
     opt.add_argument("--epochs", type=float, default=2, help="passes over the examples; with the defaults one "
                      "epoch is ~62 steps of ~4.5 s for tiny.en on a 2-core CPU")

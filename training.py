@@ -470,9 +470,10 @@ class Trainer:
                             f", at {p.step / p.total_steps:.0%} of the schedules (slower steps than the first ones)"),
                          budget_end_step=p.step)
                 break
-        self.save(save_checkpoint)  # the work first, then the last evaluation, then the state that knows it
-        self.evaluate_and_keep_best(last=True)
-        self.save(save_checkpoint)
+        try:
+            self.evaluate_and_keep_best(last=True)
+        finally:  # saved after the last evaluation, so its state knows it; saved even if that evaluation fails
+            self.save(save_checkpoint)
         self.log(f"trained {p.step - first_step} steps in {time.time() - start:.0f} s")
         return True
 
