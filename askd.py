@@ -12,8 +12,11 @@ phase that acts as a regulariser. Our reading, with every choice configurable (A
       teacher's pull fades as the student catches up, whatever the step count).
   Phase B, p > p_A (progressive self-distillation, as PS-KD):
       L = CE(y, S) + mu(p) * T^2 * KL(softmax(z_S~ / T) || softmax(z_S / T))
-      S~ is a frozen snapshot of the student, refreshed every `self_refresh` steps; mu grows linearly
-      from lambda_min (continuing where phase A ended) to mu_max, trusting the self-teacher more as it improves.
+      S~ is a frozen snapshot of the student, refreshed every `self_refresh` steps, or (self_teacher =
+      "previous-epoch", PS-KD's own choice) the student's top-k predictions for the same example recorded
+      the last time it was seen, an epoch earlier; a snapshot refreshed often is the student itself (self-KL
+      ~0.001, measured), so it cannot teach. mu grows linearly from lambda_min (continuing where phase A
+      ended) to mu_max, trusting the self-teacher more as it improves.
 
 Baselines under the same budget: "ce" (labels only) and "kd" (static: 0.8 * CE + T^2 * KL, as distil-whisper).
 A live soft target's KL goes through kernels.kl_div (the fused Triton kernel on GPU, row chunks on CPU);
@@ -32,6 +35,7 @@ from kernels import kl_div
 
 METHODS = ("askd", "kd", "ce")
 SCHEDULES = ("linear", "cosine", "exponential", "adaptive")
+SELF_TEACHERS = ("snapshot", "previous-epoch")
 
 
 def _knob(default, help: str, choices=None):
@@ -51,16 +55,27 @@ class ASKDConfig:
     phase_a_end: float = _knob(0.7, "askd: fraction of training with the teacher (phase A)")
     mu_max: float = _knob(0.5, "askd: self-distillation weight at the end of training")
     self_refresh: int = _knob(100, "askd: steps between refreshes of the self-teacher snapshot")
+    self_teacher: str = _knob("snapshot", "askd, phase B: snapshot: a frozen copy of the student, refreshed every "
+                                          "self_refresh steps; previous-epoch: each example's own predictions the "
+                                          "last time the student saw it (PS-KD): a teacher that differs from the "
+                                          "student by an epoch of training", SELF_TEACHERS)
     kd_ce_weight: float = _knob(0.8, "kd: weight of the label CE (the KL's weight is 1), as distil-whisper")
     adaptive_momentum: float = _knob(0.9, "askd, adaptive schedule: EMA of the label losses that drive it")
+    hidden_weight: float = _knob(0.0, "weight of intermediate-layer distillation (kd, askd's phase A, scaled like "
+                                      "the teacher's KL): each student decoder block's output pulled to the teacher "
+                                      "block's it stands for (student.layers_stood_for); 0: off")
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.self_teacher not in SELF_TEACHERS:
+            raise ValueError(f"self_teacher must be one of {SELF_TEACHERS}, got {self.self_teacher!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0.0 <= self.phase_a_end <= 1.0:
             raise ValueError(f"phase_a_end must be in [0, 1], got {self.phase_a_end}")
+        if self.hidden_weight < 0:
+            raise ValueError(f"hidden_weight must be >= 0, got {self.hidden_weight}")
         if self.temperature <= 0 or self.self_refresh < 1:
             raise ValueError("temperature must be > 0 and self_refresh >= 1")
 
@@ -165,15 +180,28 @@ def top_k_kl_div(student_logits: Tensor, top_values: Tensor, top_ids: Tensor, te
     return temperature**2 * kl.mean()
 
 
+def hidden_state_loss(student_blocks: Tensor, teacher_blocks: Tensor) -> Tensor:
+    """Mean squared distance between the student's block outputs and the teacher's it stands for, each
+    vector first normalised to zero mean and unit variance (a layer norm without scale): the residual
+    stream's size grows with depth and a few channels carry most of it, so raw MSE would be theirs alone.
+    The value is 2 (1 - correlation) per position, 0 when equal. Both (n_labels, n_student_layers, D)."""
+    shape = student_blocks.shape[-1:]
+    return (F.layer_norm(student_blocks.float(), shape) - F.layer_norm(teacher_blocks.float(), shape)).pow(2).mean()
+
+
 @dataclass
 class SoftTargets:
     """What the student is distilled from this step: a live model's full logits (B, T, V) (the
     self-teacher), or the k largest logits (n_labels, k) and their ids at each labelled position, in
-    order, with the log-normaliser of each full row at T (the teacher, read from the cache)."""
+    order, with the log-normaliser of each full row at T (the teacher, read from the cache); with the
+    teacher, optionally its block outputs for the student's blocks (n_labels, n_student_layers, D). `rows`
+    (n_labels,) bool, if given, says which labelled positions have top-k targets (the others get no KL)."""
     logits: Optional[Tensor] = None
     top_values: Optional[Tensor] = None
     top_ids: Optional[Tensor] = None
     teacher_lse: Optional[Tensor] = None
+    hidden: Optional[Tensor] = None
+    rows: Optional[Tensor] = None
 
 
 def distillation_loss(
@@ -183,8 +211,11 @@ def distillation_loss(
     soft_weight: float,
     ce_weight: float,
     temperature: float,
+    student_blocks: Optional[Tensor] = None,
+    hidden_weight: float = 0.0,
 ) -> Dict[str, Tensor]:
-    """ce_weight * CE(labels, student) + soft_weight * T^2 * KL(soft || softmax(student / T)).
+    """ce_weight * CE(labels, student) + soft_weight * T^2 * KL(soft || softmax(student / T))
+    [+ soft_weight * hidden_weight * hidden_state_loss(student_blocks, soft.hidden), when both are given].
 
     student_logits (B, T, V) with labels (B, T) holding IGNORE where no loss is taken, or only the
     labelled positions: (n, V) with labels (n,). The KL is averaged over the same labelled positions as the
@@ -199,6 +230,12 @@ def distillation_loss(
         if soft.logits is not None:
             kl = kl_div(rows, soft.logits.flatten(0, -2).detach(), temperature, mask)
         else:
-            kl = top_k_kl_div(rows[mask], soft.top_values, soft.top_ids, soft.teacher_lse, temperature)
+            rows = rows[mask] if soft.rows is None else rows[mask][soft.rows]
+            if len(rows):
+                kl = top_k_kl_div(rows, soft.top_values, soft.top_ids, soft.teacher_lse, temperature)
         total = total + soft_weight * kl
-    return dict(loss=total, ce=ce, kl=kl)
+    hidden = torch.zeros((), device=ce.device)
+    if soft is not None and soft.hidden is not None and student_blocks is not None and soft_weight * hidden_weight > 0:
+        hidden = hidden_state_loss(student_blocks, soft.hidden)
+        total = total + soft_weight * hidden_weight * hidden
+    return dict(loss=total, ce=ce, kl=kl, hidden=hidden)

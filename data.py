@@ -3,12 +3,15 @@
 Three kinds of source, all giving the same `Utterance` records:
 - a LibriSpeech-layout folder: <speaker>/<chapter>/<speaker>-<chapter>-<n>.flac + <speaker>-<chapter>.trans.txt
 - a JSONL manifest: one {"audio": path, "text": transcript} object per line (paths relative to the manifest)
-- a folder of audio files with .txt sidecars (clip.flac + clip.txt), searched recursively
+- a folder of audio files with .txt sidecars (clip.flac + clip.txt), searched recursively; a file named
+  like a LibriSpeech utterance (speaker-chapter-n) gets its speaker from the name, so speaker filters and
+  the 30 s windows of consecutive utterances of a chapter work on such a folder too
 This module knows files and transcripts, never models.
 """
 import json
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
@@ -20,7 +23,11 @@ from audio import N_SAMPLES
 
 DATA_ENV = "FASTWHISPER_DATA"
 AUDIO_SUFFIXES = (".flac", ".wav", ".ogg", ".mp3", ".opus", ".aiff", ".aif")
-DEV_SPEAKERS = ("669", "3242")  # convention: these two train-clean-5 speakers are the dev set
+DEV_SPEAKERS = ("669", "3242")  # convention: these two train-clean-5 speakers are the dev set (for choosing)
+TEST_SPEAKERS = ("226", "332", "460")  # of train-clean-5-opus: the test split, scored only for final comparisons,
+# never trained on and never used to choose anything (8,790 words: four times the dev set)
+TEST_SOURCE = "train-clean-5-opus"  # under the data folder: where the test speakers are
+LIBRISPEECH_ID = re.compile(r"^(\d+)-(\d+)-(\d+)$")  # speaker-chapter-n
 
 
 def data_root() -> Path:
@@ -35,6 +42,11 @@ class Utterance:
     audio: Path
     text: Optional[str]  # reference transcript; None when the source has none
     speaker: Optional[str] = None
+
+
+def held_out_test() -> List[Utterance]:
+    """The held-out test utterances: TEST_SPEAKERS of TEST_SOURCE under the data folder."""
+    return list_utterances(data_root() / TEST_SOURCE, speakers=TEST_SPEAKERS)
 
 
 def list_utterances(
@@ -98,7 +110,8 @@ def _read_sidecar_folder(folder: Path) -> List[Utterance]:
     for audio in sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES):
         sidecar = audio.with_suffix(".txt")
         text = sidecar.read_text(encoding="utf-8").strip() if sidecar.exists() else None
-        utterances.append(Utterance(audio.stem, audio, text))
+        librispeech = LIBRISPEECH_ID.match(audio.stem)
+        utterances.append(Utterance(audio.stem, audio, text, speaker=librispeech.group(1) if librispeech else None))
     return utterances
 
 

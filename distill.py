@@ -7,19 +7,22 @@
 
 Steps (prepare.py, then training.py):
 1. label: the teacher transcribes every training example on its 30 s window: the utterances of --data
-   (minus the dev speakers; unlabeled sources too) and real 30 s windows of consecutive utterances. A
-   share of the targets keeps the teacher's timestamp tokens, and a share is prompted with the teacher's
-   text of the utterances before it (as transcribe() prompts each window). Pseudo-labels far from a
-   reference are dropped.
-2. cache: the teacher's top-k logits on each target, and the frozen encoder's output on the real length
-   of the audio plus a few margins; both on disk (--cache), keyed and resumable.
+   (minus the dev speakers and, always, the test split's; unlabeled sources too) and real 30 s windows of
+   consecutive utterances. A share of the targets keeps the teacher's timestamp tokens, and a share is
+   prompted with the teacher's text of the utterances before it (as transcribe() prompts each window).
+   Pseudo-labels far from a reference are dropped. With --speeds, every example is also used played faster
+   or slower (speed perturbation), with the recording's label.
+2. cache: the teacher's top-k logits and its decoder blocks' outputs on each target, and the frozen encoder's
+   output on the real length of the audio plus a few margins; all on disk (--cache), keyed and resumable.
 3. train: the student (the teacher's encoder, frozen, and --decoder-layers of its decoder) with the loss of
-   --method, on the cached data; the dev WER now and then; the best student kept as OUT/student.pt,
-   which transcribe.py, evaluate.py and bench.py load with its audio-context policy (the real length + margin).
+   --method (plus, with --hidden-weight, each block pulled to the teacher block it stands for), on the
+   cached data; the dev WER now and then; the best student kept as OUT/student.pt, which transcribe.py,
+   evaluate.py and bench.py load with its audio-context policy (the real length + margin).
 4. report: the student's dev WER minus the teacher's with a 95 % paired bootstrap interval (their per-utterance
-   reports are OUT/dev-student.json and OUT/dev-teacher.json, as evaluate.py --json writes them), the
-   student's speed-up over the teacher at batch 1 (float32, and on CPU both with int8 weights, quantize.py),
-   and both models on the long recordings of --long-form.
+   reports are OUT/dev-student.json and OUT/dev-teacher.json, as evaluate.py --json writes them), the same on
+   the held-out test split (OUT/test-*.json; dev chooses, test decides), the student's speed-up over the
+   teacher at batch 1 (float32, and on CPU both with int8 weights, quantize.py), and both models on the
+   long recordings of --long-form.
 OUT/checkpoint.pt holds the training state; it is written atomically, periodically, on SIGINT/SIGTERM and at
 the end, and --resume continues from it with the same results as an unbroken run. --max-minutes ends a run
 early as its last step would (dev WER, student kept, closing report).
@@ -42,25 +45,27 @@ import torch.distributed as dist
 from askd import ASKDConfig
 from audio import load_audio
 from cache import ArrayCache
-from data import DEV_SPEAKERS, data_root, list_utterances
+from data import DEV_SPEAKERS, TEST_SOURCE, TEST_SPEAKERS, data_root, held_out_test, list_utterances
 from decoding import NO_FALLBACK
-from evaluate import compare_reports, describe_comparison, long_form
+from evaluate import compare_reports, describe_comparison, evaluate, long_form, paired_bootstrap
 from load import atomic_save, atomic_write, default_device, load_model, save_checkpoint
 from model import AudioContext
 from quantize import DEFAULT_SCOPE, int8_for_decoding
 from prepare import (
-    TargetSettings, attach_prompts, cache_targets, filter_by_wer, label_examples, labelling_key, plan_examples,
-    targets_key, training_utterances,
+    TargetSettings, at_speeds, attach_prompts, cache_targets, filter_by_wer, label_examples, labelling_key, plan_examples,
+    targets_key, training_utterances, with_human_labels,
 )
-from student import make_student, output_shortlist
+from student import layers_stood_for, make_student, output_shortlist
 from tokenizer import tokenizer_for
 from training import GREEDY, DevScorer, NothingLoadable, PreparedDataset, Trainer, TrainSettings
 from transcribe import transcribe, transcribe_clips
 
 SHOWCASE_AUDIO = "longform/jfk.flac"  # under the data folder: transcribed by teacher and student at the end
 LONG_FORM = "longform"  # under the data folder: recordings of minutes, scored window by window at the end
-DEFAULT_DATA = ("train-clean-5", "unlabeled/train-clean-100")  # under the data folder
+DEFAULT_DATA = ("train-clean-5", "train-clean-5-opus", "unlabeled/train-clean-100")  # under the data folder
+# (the test speakers of train-clean-5-opus are always left out of training: data.TEST_SPEAKERS)
 DEV_REPORTS = {"teacher": "dev-teacher.json", "student": "dev-student.json"}  # in OUT: evaluate() reports
+TEST_REPORTS = {"teacher": "test-teacher.json", "student": "test-student.json"}  # in OUT: the closing report's
 
 
 def add_config_arguments(group, config_class) -> None:
@@ -79,6 +84,17 @@ def integers(text: str):
     return tuple(int(x) for x in text.split(","))
 
 
+def speeds(text: str):
+    """--speeds 0.9,1.0,1.1: distinct factors within [0.5, 2]."""
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.9,1.0,1.1, got {text!r}")
+    if len(set(values)) != len(values) or not all(0.5 <= v <= 2.0 for v in values):
+        raise argparse.ArgumentTypeError(f"speeds must be distinct and within [0.5, 2], got {text!r}")
+    return values
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Distil Whisper into a faster student (ASKD, kd or ce).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -90,6 +106,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-data", nargs="*", default=None, help="dev folder(s)/manifest(s); default: the excluded "
                                                                "speakers of the first --data source")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N dev utterances only")
+    p.add_argument("--test-data", nargs="*", default=None,
+                   help="folder(s)/manifest(s) the closing report scores teacher and student on, to compare them; "
+                        f"default: the held-out test split (speakers {', '.join(TEST_SPEAKERS)} of {TEST_SOURCE}, "
+                        "never trained on or used to choose; ~3 min a model with tiny.en); the flag alone: none")
     p.add_argument("--long-form", default=str(data_root() / LONG_FORM), help="recordings (with transcripts) that "
                    "teacher and student transcribe window by window at the end, about a minute each with tiny.en; "
                    "'' skips them")
@@ -115,6 +135,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                               "risk of words it can no longer spell; 0: the whole vocabulary")
     add_config_arguments(p.add_argument_group("method (askd.py)"), ASKDConfig)
     targets = p.add_argument_group("targets")
+    targets.add_argument("--labels", choices=("teacher", "human"), default="teacher",
+                         help="the target of an example with a reference: the teacher's transcript, or the "
+                              "reference's words in the teacher's style (its casing, punctuation and numerals where "
+                              "the two agree; human_labels.py); audio without a reference keeps the teacher's")
     targets.add_argument("--timestamp-share", type=float, default=0.5,
                          help="share of utterances whose target keeps the teacher's timestamps (windows always do)")
     targets.add_argument("--prompt-share", type=float, default=0.5,
@@ -123,6 +147,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     targets.add_argument("--windows", type=int, default=100, help="real 30 s windows of consecutive utterances added")
     targets.add_argument("--wer-filter", type=float, default=0.2, help="drop pseudo-labels whose WER against the "
                                                                        "reference is above this")
+    targets.add_argument("--speeds", type=speeds, default=(1.0,),
+                         help="speed perturbation: every example also at these speeds (0.9,1.0,1.1 triples the "
+                              "examples and the preparation of their targets; the label is the recording's)")
     targets.add_argument("--top-k", type=int, default=64, help="teacher logits kept per token in the cache")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--batch-size", type=int, default=16, help="per process")
@@ -230,13 +257,18 @@ def prepare(args, teacher, student, tokenizer, rank, world, log):
     for turn in range(2 if world > 1 else 1):  # under torchrun: rank 0 first, then the others read
         if (rank == 0) == (turn == 0):
             everything, counts = label_examples(teacher, examples, labels, args.batch_size, log)
-            labelled, counts["filtered_by_wer"] = filter_by_wer(everything, args.wer_filter)
+            labelled, counts["filtered_by_wer"] = filter_by_wer(everything, args.wer_filter)  # the same examples
+            if args.labels == "human":  # for either kind of label, so that only the targets differ
+                everything = with_human_labels(everything, tokenizer)
+                labelled = with_human_labels(labelled, tokenizer)
+                counts["human_labels_changed"] = sum(x.human for x in labelled)
             labelled = attach_prompts(labelled, everything, args.prompt_share, teacher.dims.n_text_ctx)
+            labelled = at_speeds(labelled, args.speeds, tokenizer.timestamp_begin)
             cached = set(cache_targets(teacher, student, tokenizer, labelled, labels, targets, settings, log))
             labelled = [x for x in labelled if x.target_item in cached]
         if world > 1:
             dist.barrier()
-    counts.update(examples_kept=len(labelled), windows=sum(len(x.example.audio) > 1 for x in labelled),
+    counts.update(examples_kept=len(labelled), perturbed=sum(x.example.speed != 1.0 for x in labelled), windows=sum(len(x.example.audio) > 1 for x in labelled),
                   timestamped=sum(x.example.timestamps for x in labelled),
                   prompted=sum(bool(x.prompt) for x in labelled), preparation_s=round(time.time() - started, 1))
     return labelled, targets, settings, counts
@@ -280,6 +312,13 @@ def closing_report(args, teacher, out: Path, dev, student_wer: Optional[float], 
         if teacher.device.type == "cpu":  # the faster teacher a CPU user would run (quantize.py)
             ratio = speed_up(teacher, student, clips, int8=DEFAULT_SCOPE)
             log(f"the same, both with int8 weights ({DEFAULT_SCOPE} scope): {ratio:.2f}x", speed_up_int8=ratio)
+    if args.test_data != []:
+        try:
+            test = test_utterances(args)
+        except (FileNotFoundError, ValueError) as err:
+            log(f"warning: no test data ({err}): student and teacher not compared on it")
+        else:
+            compare_on_test(teacher, student, test, out, args.batch_size, log)
     long_form_report(teacher, student, args.long_form, log)
     path = data_root() / SHOWCASE_AUDIO
     if path.exists():
@@ -314,6 +353,29 @@ def compare_on_dev(out: Path, student_wer: Optional[float], log):
         return
     log(f"student - teacher dev WER: {describe_comparison(result, ('the student', 'the teacher'))}",
         student_vs_teacher=result)
+
+
+def test_utterances(args):
+    """The utterances of --test-data, by default the held-out test split; an error that says which is
+    missing (the closing report then goes without it)."""
+    if args.test_data is None:
+        return held_out_test()
+    return [u for source in args.test_data for u in list_utterances(source)]
+
+
+def compare_on_test(teacher, student, utterances, out: Path, batch_size: int, log):
+    """Teacher and student on the test utterances (greedy, no fallback, as on dev), their reports in OUT,
+    and student - teacher with its paired interval: the comparison that decides, since nothing chose on it."""
+    reports = {}
+    for name, model in (("teacher", teacher), ("student", student)):
+        log(f"scoring the {name} on the test split ({len(utterances)} utterances)")
+        reports[name] = evaluate(model, utterances, GREEDY, NO_FALLBACK, batch_size, progress=False)
+        write_dev_report(reports[name], name, out / TEST_REPORTS[name])
+    result = paired_bootstrap(reports["student"]["utterances"], reports["teacher"]["utterances"])
+    log(f"test split WER: teacher {100 * reports['teacher']['wer']:.2f}%, student {100 * reports['student']['wer']:.2f}% "
+        f"({result['words']} words); student - teacher: {describe_comparison(result, ('the student', 'the teacher'))}",
+        teacher_test_wer=reports["teacher"]["wer"], student_test_wer=reports["student"]["wer"],
+        student_vs_teacher_test=result)
 
 
 def long_form_report(teacher, student, folder: str, log):
@@ -368,7 +430,9 @@ def main(argv=None):
     if not labelled:
         raise SystemExit(f"error: no training examples ({counts})")
 
-    dataset = PreparedDataset(labelled, targets, tokenizer, target_settings, frozen is not None, args.seed)
+    config = config_from_arguments(args, ASKDConfig)
+    dataset = PreparedDataset(labelled, targets, tokenizer, target_settings, frozen is not None, args.seed,
+                              teacher_hidden=config.hidden_weight > 0)
     steps_per_epoch = max(len(dataset) // (args.batch_size * world * args.grad_accum), 1)
     total_steps = args.max_steps or max(round(args.epochs * steps_per_epoch), 1)
     dev = dev_utterances(args)
@@ -398,19 +462,21 @@ def main(argv=None):
             write_dev_report(score.last_report, str(out / "student.pt"), out / DEV_REPORTS["student"])
 
     settings = TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings)})
-    trainer = Trainer(student, dataset, config_from_arguments(args, ASKDConfig), settings, total_steps, frozen,
-                      out, score_student, save_student, log, rank, world)
+    trainer = Trainer(student, dataset, config, settings, total_steps, frozen, out, score_student, save_student, log,
+                      rank, world, layers_stood_for(teacher.dims.n_text_layer, args.decoder_layers))
     if args.resume:
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        defaults = parse_args([])
         for key in ("teacher", "method", "decoder_layers", "encoder_layers", "trainable_encoder_layers", "batch_size",
-                    "seed", "grad_accum", "prompt_share", "exclude_speakers", "eval_data", "eval_limit"):
-            if state["args"].get(key) != getattr(args, key):
+                    "seed", "grad_accum", "prompt_share", "exclude_speakers", "eval_data", "eval_limit", "speeds", "labels", "self_teacher",
+                    "hidden_weight"):
+            if state["args"].get(key, getattr(defaults, key)) != getattr(args, key):  # absent: made before the flag
                 raise SystemExit(f"error: --{key.replace('_', '-')} is {getattr(args, key)!r} but the checkpoint "
                                  f"was made with {state['args'].get(key)!r}")
         trainer.restore(state)
         log(f"resumed from {checkpoint_path} at step {trainer.progress.step}/{trainer.progress.total_steps}")
     elif rank == 0:
-        for name in DEV_REPORTS.values():  # an earlier run's in this OUT would pass for this one's
+        for name in (*DEV_REPORTS.values(), *TEST_REPORTS.values()):  # an earlier run's would pass for this one's
             (out / name).unlink(missing_ok=True)
         if dev:
             trainer.progress.teacher_wer = score(teacher)

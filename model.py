@@ -446,9 +446,10 @@ class TextDecoder(nn.Module):
         return self.logits_of(self.hidden(tokens, audio, cache, audio_lengths))
 
     def hidden(self, tokens: Tensor, audio: Tensor, cache: Optional[KVCache] = None,
-               audio_lengths: Optional[Tensor] = None) -> Tensor:
+               audio_lengths: Optional[Tensor] = None, block_outputs: Optional[List[Tensor]] = None) -> Tensor:
         """The last block's output (B, T, D), before the final norm and the output projection: training
-        projects only the positions that carry a loss (logits_of), the largest product of a step."""
+        projects only the positions that carry a loss (logits_of), the largest product of a step. Each
+        block's output (B, T, D) is appended to `block_outputs` if given (intermediate-layer distillation)."""
         offset = cache.length if cache is not None else 0
         n_ctx = self.positional_embedding.shape[0]
         if offset + tokens.shape[1] > n_ctx:
@@ -458,6 +459,8 @@ class TextDecoder(nn.Module):
         audio_mask = self._audio_mask(audio, cache, audio_lengths)
         for layer, block in enumerate(self.blocks):
             x = block(x, audio, cache=cache, layer=layer, audio_mask=audio_mask)
+            if block_outputs is not None:
+                block_outputs.append(x)
         if cache is not None:
             cache.length += tokens.shape[1]
         return x

@@ -26,11 +26,12 @@ import soundfile
 import torch
 from tqdm import tqdm
 
-from audio import HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE, AudioError, load_audio
+from audio import HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE, AudioError, change_speed, load_audio
 from cache import ArrayCache, fingerprint_files, fingerprint_model
-from data import IGNORE_LABEL, Utterance, chapter_of, list_utterances, training_tokens, window_runs
+from data import IGNORE_LABEL, TEST_SPEAKERS, Utterance, chapter_of, list_utterances, training_tokens, window_runs
 from decoding import DecodingOptions, FallbackRules, decode_with_fallback, prompt_limit
 from evaluate import normalize, word_error_rate
+from human_labels import human_tokens
 from model import AudioContext, Whisper
 from tokenizer import Tokenizer
 from transcribe import clip_mels, frames_of_samples
@@ -43,6 +44,7 @@ class Example:
     audio: Tuple[Path, ...]  # files joined end to end, in order
     reference: Optional[str]  # the transcripts joined, None when a file has none (pseudo-labels only)
     timestamps: bool  # whether its target carries the teacher's timestamp tokens
+    speed: float = 1.0  # played this many times as fast (speed perturbation, audio.change_speed); 1.0: as recorded
 
 
 def share_picks(example_id: str, share: float, salt: str = "") -> bool:
@@ -58,13 +60,7 @@ def plan_examples(utterances: Sequence[Utterance], timestamp_share: float, windo
     examples = [Example(u.id, (u.audio,), u.text, share_picks(u.id, timestamp_share)) for u in utterances]
     if windows == 0:
         return examples
-    sized = []  # (utterance, its length in samples at 16 kHz), read from the headers only
-    for u in utterances:
-        try:
-            info = soundfile.info(str(u.audio))
-        except (RuntimeError, OSError):  # unreadable: labelling reports it; it joins no window
-            continue
-        sized.append((u, info.frames * SAMPLE_RATE // info.samplerate))
+    sized = [(u, n) for u in utterances if (n := recorded_samples([u.audio])) is not None]
     for run in window_runs([(u.id, n) for u, n in sized], windows):
         if len(run) < 2:
             continue  # a single utterance is already an example
@@ -74,24 +70,41 @@ def plan_examples(utterances: Sequence[Utterance], timestamp_share: float, windo
     return examples
 
 
+def recorded_samples(paths) -> Optional[int]:
+    """The files' total length in samples at 16 kHz, read from their headers only; None if one is unreadable
+    (labelling reports it)."""
+    total = 0
+    for path in paths:
+        try:
+            info = soundfile.info(str(path))
+        except (RuntimeError, OSError):
+            return None
+        total += info.frames * SAMPLE_RATE // info.samplerate
+    return total
+
+
 def training_utterances(sources: Sequence, exclude_speakers: Sequence[str]) -> List[Utterance]:
+    """The utterances of the sources minus the excluded speakers (the dev set) and, always, the test split's."""
+    leave_out = {*exclude_speakers, *TEST_SPEAKERS}
     found = []
     for source in sources:
-        found += list_utterances(source, exclude_speakers=exclude_speakers or None)
+        found += list_utterances(source, exclude_speakers=leave_out)
     return found
 
 
 def load_example_audio(example: Example) -> np.ndarray:
-    """The example's waveform (16 kHz mono float32); AudioError if unreadable or longer than 30 s."""
+    """The example's waveform (16 kHz mono float32), at its speed; AudioError if unreadable or longer than 30 s."""
     audio = np.concatenate([load_audio(path) for path in example.audio])
+    if example.speed != 1.0:
+        audio = change_speed(audio, example.speed)
     if len(audio) > N_SAMPLES:
         raise AudioError(f"{len(audio) / SAMPLE_RATE:.1f} s is longer than Whisper's 30 s window")
     return audio
 
 
 def item_name(example: Example) -> Optional[str]:
-    """The cache's name for an example: its audio's content and its target's form; None if a file of it
-    cannot be read (it is then counted as unreadable, not cached: it may be back on the next run)."""
+    """The labels cache's name for an example: its audio's content and its target's form (one name for all
+    its speeds: the label of a perturbed copy is the recording's); None if a file of it cannot be read (it is then counted as unreadable, not cached: it may be back on the next run)."""
     try:
         return f"{fingerprint_files(example.audio)}-{'ts' if example.timestamps else 'tx'}"
     except OSError:
@@ -117,13 +130,17 @@ class Labelled:
     tokens: List[int]  # the teacher's target: text tokens, with timestamp tokens when example.timestamps
     text: str
     prompt: Tuple[int, ...] = ()  # the teacher's tokens for the audio before it (see attach_prompts)
+    human: bool = False  # tokens are the reference's words in the teacher's style, not the teacher's (human_labels)
 
     @property
     def target_item(self) -> str:
-        """Its name in the targets cache: the teacher's logits depend on the prompt too."""
+        """Its name in the targets cache: the teacher's logits depend on the target, the speed and the prompt too."""
+        name = self.item if self.example.speed == 1.0 else f"{self.item}-x{self.example.speed:g}"
+        if self.human:
+            name = f"{name}-h{hashlib.sha256(repr(self.tokens).encode()).hexdigest()[:16]}"
         if not self.prompt:
-            return self.item
-        return f"{self.item}-p{hashlib.sha256(repr(self.prompt).encode()).hexdigest()[:16]}"
+            return name
+        return f"{name}-p{hashlib.sha256(repr(self.prompt).encode()).hexdigest()[:16]}"
 
 
 @torch.no_grad()
@@ -191,6 +208,18 @@ def filter_by_wer(labelled: List[Labelled], threshold: float) -> Tuple[List[Labe
     return kept, len(labelled) - len(kept)
 
 
+def with_human_labels(labelled: Sequence[Labelled], tokenizer: Tokenizer) -> List[Labelled]:
+    """Every example with a reference gets it as its target, in the teacher's style where the two agree
+    (human_labels.human_tokens); an example without one (unlabeled audio) keeps the teacher's transcript.
+    The teacher's soft targets are then teacher-forced on these tokens (cache_targets)."""
+    out = []
+    for x in labelled:
+        tokens = x.tokens if x.example.reference is None else human_tokens(tokenizer, x.tokens, x.example.reference,
+                                                                             x.example.timestamps)
+        out.append(x if tokens == x.tokens else replace(x, tokens=tokens, text=tokenizer.decode(tokens).strip(), human=True))
+    return out
+
+
 def attach_prompts(labelled: Sequence[Labelled], sources: Sequence[Labelled], share: float,
                    n_text_ctx: int) -> List[Labelled]:
     """Give a share of the examples a prompt: the teacher's tokens for the utterances before it in its
@@ -215,6 +244,32 @@ def attach_prompts(labelled: Sequence[Labelled], sources: Sequence[Labelled], sh
     return prompted
 
 
+def at_speeds(labelled: Sequence[Labelled], speeds: Sequence[float], timestamp_begin: int) -> List[Labelled]:
+    """Every example once per speed (speed perturbation: more acoustic variety from the same speech), with the
+    recording's label: the same words, its timestamps moved with the audio (a token at t s goes to t / speed).
+    A copy that would not fit Whisper's 30 s window at its speed is left out. Teacher soft targets and
+    encoder features are computed on the perturbed audio (cache_targets), so every signal matches it."""
+    out = []
+    for x in labelled:
+        for speed in speeds:
+            if speed == 1.0:
+                out.append(x)
+                continue
+            length = recorded_samples(x.example.audio)
+            if length is None or length / speed > N_SAMPLES:
+                continue
+            tokens = retimed(x.tokens, speed, timestamp_begin) if x.example.timestamps else x.tokens
+            out.append(replace(x, example=replace(x.example, speed=speed), tokens=tokens))
+    return out
+
+
+def retimed(tokens: Sequence[int], speed: float, timestamp_begin: int, last: int = N_SAMPLES // 320) -> List[int]:
+    """Timestamp tokens (ids from timestamp_begin, 20 ms each) for audio played `speed` times as fast; text
+    tokens unchanged. `last`: the largest timestamp (30 s)."""
+    return [t if t < timestamp_begin else timestamp_begin + min(round((t - timestamp_begin) / speed), last)
+            for t in tokens]
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Targets: the teacher's top-k logits on each label, and the frozen encoder's real-length output
 
@@ -232,7 +287,7 @@ def targets_key(teacher: Whisper, student: Whisper, settings: TargetSettings) ->
     return dict(kind="targets", teacher=fingerprint_model(teacher), student_encoder=fingerprint_model(student.encoder),
                 n_mels=teacher.dims.n_mels, sample_rate=SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP_LENGTH,
                 top_k=settings.top_k, temperature=settings.temperature, margins=list(settings.margins),
-                frozen_encoder_layers=settings.frozen_encoder_layers, version=1)
+                frozen_encoder_layers=settings.frozen_encoder_layers, version=2)  # 2: the teacher's block outputs
 
 
 @torch.no_grad()
@@ -249,7 +304,7 @@ def cache_targets(teacher: Whisper, student: Whisper, tokenizer: Tokenizer, labe
         except (OSError, AudioError) as err:  # readable at labelling time, gone since
             log(f"warning: skipping {x.example.id}: {err}")
             continue
-        arrays = teacher_top_k(teacher, tokenizer, x, labels, settings.top_k, settings.temperature)
+        arrays = teacher_targets(teacher, tokenizer, x, audio, labels, settings.top_k, settings.temperature)
         for margin in settings.margins if settings.frozen_encoder_layers is not None else ():
             arrays[f"features_m{margin}"] = frozen_encoder_output(student, audio, margin,
                                                                   settings.frozen_encoder_layers)
@@ -257,21 +312,31 @@ def cache_targets(teacher: Whisper, student: Whisper, tokenizer: Tokenizer, labe
     return [x.target_item for x in labelled if cache.has(x.target_item)]
 
 
-def teacher_top_k(teacher: Whisper, tokenizer: Tokenizer, x: Labelled, labels: ArrayCache, k: int,
-                  temperature: float) -> dict:
-    """The teacher's k largest logits (and their token ids) at each labelled position of the target,
-    teacher-forced (after the example's prompt) on its own 30 s encoder output: (n_labels, k) float16 and
-    int32; and the log-normaliser of each full row at 1 and at the temperature (n_labels,) float32, so the
-    kept probabilities are exact."""
-    features = torch.from_numpy(np.array(labels.load(x.item)["teacher_features"])).to(teacher.device, teacher.dtype)
+def teacher_targets(teacher: Whisper, tokenizer: Tokenizer, x: Labelled, audio: np.ndarray, labels: ArrayCache,
+                    k: int, temperature: float) -> dict:
+    """What the teacher says at each labelled position of the target, teacher-forced (after the example's
+    prompt) on its own 30 s encoder output (cached by labelling; computed here for a perturbed copy):
+    - its k largest logits and their token ids: (n_labels, k) float16 and int32;
+    - the log-normaliser of each full row at 1 and at the temperature: (n_labels,) float32, so the kept
+      probabilities are exact;
+    - its decoder's hidden state after each block: (n_labels, n_layers, D) float16, for intermediate-layer
+      distillation (a student block learns what the teacher blocks it replaces compute)."""
+    if x.example.speed == 1.0:
+        features = torch.from_numpy(np.array(labels.load(x.item)["teacher_features"])).to(teacher.device, teacher.dtype)
+    else:
+        features = teacher.embed_audio(clip_mels([audio], teacher.dims.n_mels, teacher.device).to(teacher.dtype))[0]
     tokens, targets = training_tokens(tokenizer, x.tokens, x.example.timestamps, x.prompt)
-    logits = teacher.logits(torch.tensor([tokens], device=teacher.device), features[None])[0]  # (T, V)
-    logits = logits[torch.tensor(targets) != IGNORE_LABEL]  # (n_labels, V)
+    blocks = []
+    hidden = teacher.decoder.hidden(torch.tensor([tokens], device=teacher.device), features[None], block_outputs=blocks)
+    labelled = torch.tensor(targets) != IGNORE_LABEL
+    logits = teacher.decoder.logits_of(hidden[0, labelled])  # (n_labels, V)
+    block_hidden = torch.stack([h[0, labelled] for h in blocks], dim=1)  # (n_labels, n_layers, D)
     values, ids = logits.topk(k, dim=-1)
     values = values.half()  # what training reads: the normalisers are computed from the same rounded values
     logits = torch.cat([values.float(), logits.scatter(-1, ids, float("-inf"))], dim=-1)
     return dict(top_values=values.cpu().numpy(), top_ids=ids.int().cpu().numpy(),
-                lse_1=logits.logsumexp(-1).cpu().numpy(), lse_t=(logits / temperature).logsumexp(-1).cpu().numpy())
+                lse_1=logits.logsumexp(-1).cpu().numpy(), lse_t=(logits / temperature).logsumexp(-1).cpu().numpy(),
+                hidden=block_hidden.half().cpu().numpy())
 
 
 def frozen_encoder_output(student: Whisper, audio: np.ndarray, margin: int, frozen_layers: int) -> np.ndarray:

@@ -24,6 +24,14 @@ def spaced_layers(n_teacher: int, n_student: int) -> List[int]:
     return np.linspace(0, n_teacher - 1, n_student, dtype=int).tolist()
 
 
+def layers_stood_for(n_teacher: int, n_student: int) -> List[int]:
+    """For each student block, the teacher block whose output it should reproduce: block j starts as
+    teacher block spaced[j] and replaces the run spaced[j] .. spaced[j+1] - 1, so its output stands for the
+    last of that run (2 of 4: [2, 3]; 3 of 6: [1, 4, 5]). The targets of intermediate-layer distillation."""
+    spaced = spaced_layers(n_teacher, n_student)
+    return [following - 1 for following in spaced[1:]] + [n_teacher - 1]
+
+
 def make_student(
     teacher: Whisper,
     decoder_layers: int = 2,

@@ -14,7 +14,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -37,7 +37,8 @@ from transcribe import clip_mels, frames_of_samples
 GREEDY = DecodingOptions(language="en", without_timestamps=True)
 BUDGET_CALIBRATION_STEPS = 10  # steps timed before a --max-minutes run lays its schedules over what fits
 SECONDS_PER_POSITION = 0.02  # an encoder position: two 10 ms Mel frames
-TEACHER_ARRAYS = ("top_values", "top_ids", "lse_1", "lse_t")  # per labelled token: see prepare.teacher_top_k
+TEACHER_ARRAYS = ("top_values", "top_ids", "lse_1", "lse_t")  # per labelled token: see prepare.teacher_targets
+TEACHER_HIDDEN = "hidden"  # per labelled token, the teacher's block outputs: read only for intermediate-layer KD
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,12 +47,14 @@ TEACHER_ARRAYS = ("top_values", "top_ids", "lse_1", "lse_t")  # per labelled tok
 
 class PreparedDataset(torch.utils.data.Dataset):
     """One labelled example per index: its target tokens, the teacher's cached top-k, and the student's
-    input (cached encoder output at one of the cached margins, or the waveform when nothing is cached)."""
+    input (cached encoder output at one of the cached margins, or the waveform when nothing is cached);
+    with teacher_hidden, the teacher's block outputs too."""
 
     def __init__(self, examples: Sequence[Labelled], targets: ArrayCache, tokenizer: Tokenizer,
-                 settings: TargetSettings, cached_input: bool, seed: int):
+                 settings: TargetSettings, cached_input: bool, seed: int, teacher_hidden: bool = False):
         self.examples, self.targets, self.settings = list(examples), targets, settings
         self.cached_input, self.seed, self.epoch = cached_input, seed, 0
+        self.teacher_arrays = TEACHER_ARRAYS + ((TEACHER_HIDDEN,) if teacher_hidden else ())
         self.sequences = [training_tokens(tokenizer, x.tokens, x.example.timestamps, x.prompt) for x in self.examples]
         self.token_lengths = [len(tokens) for tokens, _ in self.sequences]
 
@@ -65,9 +68,9 @@ class PreparedDataset(torch.utils.data.Dataset):
         margin = rng.choice(self.settings.margins)
         try:
             features = f"features_m{margin}"
-            cached = self.targets.load(x.target_item, TEACHER_ARRAYS + ((features,) if self.cached_input else ()))
-            item = dict(tokens=tokens, labels=labels, margin=margin,
-                        **{name: np.asarray(cached[name]) for name in TEACHER_ARRAYS})
+            cached = self.targets.load(x.target_item, self.teacher_arrays + ((features,) if self.cached_input else ()))
+            item = dict(index=index, tokens=tokens, labels=labels, margin=margin,
+                        **{name: np.asarray(cached[name]) for name in self.teacher_arrays})
             if self.cached_input:
                 item["features"] = np.asarray(cached[features])  # (positions, D) float16
             else:
@@ -80,7 +83,8 @@ class PreparedDataset(torch.utils.data.Dataset):
 
 def collate_prepared(items: List[Optional[dict]], pad_token: int = 50256) -> dict:
     """Pad a batch: tokens/labels (B, T); features (B, P, D) float32 with positions (B,), or audio;
-    the teacher's top-k (n_labels, k) in the order of the labelled positions (row by row)."""
+    the teacher's top-k (n_labels, k) (and block outputs (n_labels, L, D), if loaded) in the order of the
+    labelled positions (row by row)."""
     good = [item for item in items if item is not None]
     batch = dict(skipped=len(items) - len(good), size=len(good))
     if not good:
@@ -91,8 +95,10 @@ def collate_prepared(items: List[Optional[dict]], pad_token: int = 50256) -> dic
     for row, item in enumerate(good):
         tokens[row, : len(item["tokens"])] = torch.tensor(item["tokens"])
         labels[row, : len(item["labels"])] = torch.tensor(item["labels"])
+    teacher = [name for name in (*TEACHER_ARRAYS, TEACHER_HIDDEN) if name in good[0]]
     batch.update(tokens=tokens, labels=labels, margins=[item["margin"] for item in good],
-                 **{name: torch.from_numpy(np.concatenate([item[name] for item in good])) for name in TEACHER_ARRAYS})
+                 indices=[item["index"] for item in good],
+                 **{name: torch.from_numpy(np.concatenate([item[name] for item in good])) for name in teacher})
     if "features" in good[0]:
         positions = [len(item["features"]) for item in good]
         features = torch.zeros(len(good), max(positions), good[0]["features"].shape[1])
@@ -115,14 +121,16 @@ def collate_prepared(items: List[Optional[dict]], pad_token: int = 50256) -> dic
 class StudentForward(nn.Module):
     """The student's logits for a batch, from what the batch holds (see the module docstring)."""
 
-    def __init__(self, student: Whisper, frozen_encoder_layers: Optional[int]):
+    def __init__(self, student: Whisper, frozen_encoder_layers: Optional[int], keep_blocks: bool = False):
         super().__init__()
         self.student = student
         self.frozen = frozen_encoder_layers  # None: the whole student runs from the log-Mel
+        self.keep_blocks = keep_blocks  # also return each decoder block's output (intermediate-layer KD)
 
-    def forward(self, batch: dict) -> Tensor:
+    def forward(self, batch: dict) -> Tuple[Tensor, Optional[Tensor]]:
         """Logits (n_labels, V) at the positions that carry a label, in row-major order: padding and the
-        prompt are never projected onto the vocabulary (the step's largest product)."""
+        prompt are never projected onto the vocabulary (the step's largest product); with keep_blocks, the
+        decoder blocks' outputs at the same positions (n_labels, n_layers, D), else None."""
         student, positions = self.student, batch["positions"]
         if self.frozen is None:
             features = student.encoder(batch["mel"], positions)
@@ -131,8 +139,11 @@ class StudentForward(nn.Module):
             features = student.encoder.run_blocks(batch["features"], mask, first=self.frozen)
         else:
             features = batch["features"]
-        hidden = student.decoder.hidden(batch["tokens"], features, audio_lengths=positions)  # (B, T, D)
-        return student.decoder.logits_of(hidden[batch["labels"] != IGNORE_LABEL])  # (n_labels, V)
+        blocks = [] if self.keep_blocks else None
+        hidden = student.decoder.hidden(batch["tokens"], features, audio_lengths=positions, block_outputs=blocks)
+        labelled = batch["labels"] != IGNORE_LABEL  # (B, T)
+        logits = student.decoder.logits_of(hidden[labelled])  # (n_labels, V)
+        return logits, (torch.stack([h[labelled] for h in blocks], dim=1) if blocks is not None else None)
 
 
 def live_encoder_input(batch: dict, student: Whisper, device, augment: bool, generator: torch.Generator):
@@ -146,6 +157,49 @@ def live_encoder_input(batch: dict, student: Whisper, device, augment: bool, gen
     if augment:
         spec_augment(mel, [2 * p for p in positions], generator)
     return mel, torch.tensor(positions, device=device)
+
+
+class PreviousPredictions:
+    """Each example's own top-k logits from the last time the student saw it (an epoch ago): the self-teacher
+    of PS-KD, askd's phase B with self_teacher="previous-epoch". Kept as the teacher's are (prepare.py):
+    k largest logits (float16) and their ids, and the row's log-normaliser at T, on the CPU. Under torchrun
+    each process remembers the examples it saw; one that went to another process gets no self-target."""
+
+    def __init__(self, k: int, temperature: float):
+        self.k, self.temperature = k, temperature
+        self.records: Dict[int, Tuple[Tensor, Tensor, Tensor]] = {}  # example index -> (values, ids, lse_t)
+
+    @torch.no_grad()
+    def record(self, logits: Tensor, indices: List[int], row_lengths: List[int]):
+        """logits (n_labels, V), the rows of each example in turn (row_lengths of them)."""
+        values, ids = logits.float().topk(self.k, dim=-1)  # (n_labels, k)
+        values = values.half()
+        rest = logits.float().scatter(-1, ids, float("-inf"))
+        lse_t = (torch.cat([values.float(), rest], dim=-1) / self.temperature).logsumexp(-1)  # as prepare.py
+        for index, v, i, l in zip(indices, values.cpu().split(row_lengths), ids.int().cpu().split(row_lengths),
+                                  lse_t.cpu().split(row_lengths)):
+            self.records[index] = (v.clone(), i.clone(), l.clone())
+
+    def targets(self, indices: List[int], row_lengths: List[int], device) -> Optional[SoftTargets]:
+        """The recorded predictions for these examples' rows; rows of an example not yet seen (or seen with
+        another target length) get none. None if no example of the batch has a record."""
+        kept, have = [], []
+        for index, n in zip(indices, row_lengths):
+            record = self.records.get(index)
+            found = record is not None and len(record[0]) == n
+            have.append(torch.full((n,), found))
+            if found:
+                kept.append(record)
+        if not kept:
+            return None
+        values, ids, lse_t = (torch.cat(parts).to(device) for parts in zip(*kept))
+        return SoftTargets(top_values=values, top_ids=ids, teacher_lse=lse_t, rows=torch.cat(have).to(device))
+
+    def state_dict(self) -> dict:
+        return dict(records=self.records)
+
+    def load_state_dict(self, state: dict):
+        self.records = dict(state["records"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,13 +266,16 @@ class Trainer:
 
     def __init__(self, student: Whisper, dataset: PreparedDataset, config: ASKDConfig, settings: TrainSettings,
                  total_steps: int, frozen_encoder_layers: Optional[int], out: Path, dev_score: Callable,
-                 save_student: Callable, log: Callable, rank: int = 0, world: int = 1):
+                 save_student: Callable, log: Callable, rank: int = 0, world: int = 1,
+                 teacher_layers: Optional[Sequence[int]] = None):
         self.student, self.dataset, self.config, self.settings = student, dataset, config, settings
         self.out, self.dev_score, self.save_student, self.log = out, dev_score, save_student, log
         self.rank, self.world, self.device = rank, world, student.device
         self.schedule = ASKDSchedule(config)
         self.progress = Progress(total_steps=total_steps)
-        self.forward = StudentForward(student, frozen_encoder_layers)
+        # intermediate-layer KD: the teacher block each student block stands for (student.layers_stood_for)
+        self.teacher_layers = list(teacher_layers) if config.hidden_weight > 0 and teacher_layers else None
+        self.forward = StudentForward(student, frozen_encoder_layers, keep_blocks=self.teacher_layers is not None)
         self.model = DistributedDataParallel(self.forward) if world > 1 else self.forward
         trainable = [p for p in student.parameters() if p.requires_grad]
         # fused: one kernel over all parameters; on a 2-core CPU 0.09 s per step against 0.70 s for the default
@@ -226,6 +283,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay,
                                            betas=(0.9, 0.98), fused=True)
         self.self_teacher: Optional[StudentForward] = None
+        previous = config.method == "askd" and config.self_teacher == "previous-epoch"
+        self.previous = PreviousPredictions(dataset.settings.top_k, config.temperature) if previous else None
         self.stop_reason: Optional[str] = None
 
     # -- checkpoint ---------------------------------------------------------------------------
@@ -239,6 +298,8 @@ class Trainer:
             ("progress", lambda: asdict(self.progress), lambda s: setattr(self, "progress", Progress(**s))),
             ("self_teacher", lambda: None if self.self_teacher is None else self.self_teacher.student.state_dict(),
              self._restore_self_teacher),
+            ("previous_predictions", lambda: None if self.previous is None else self.previous.state_dict(),
+             lambda state: state is not None and self.previous.load_state_dict(state)),
             ("rng", rng_state, set_rng_state),
         )
 
@@ -247,7 +308,7 @@ class Trainer:
 
     def restore(self, state: dict):
         for name, _, restore in self.state_parts():
-            restore(state[name])
+            restore(state.get(name))  # None: a part a checkpoint made before it existed did not need
 
     def _restore_self_teacher(self, weights):
         self.self_teacher = None
@@ -276,10 +337,14 @@ class Trainer:
 
     def soft_targets(self, phase: str, batch: dict) -> Optional[SoftTargets]:
         if phase == "teacher":
-            return SoftTargets(top_values=batch["top_values"], top_ids=batch["top_ids"], teacher_lse=batch["lse_t"])
+            hidden = batch[TEACHER_HIDDEN][:, self.teacher_layers] if self.teacher_layers else None
+            return SoftTargets(top_values=batch["top_values"], top_ids=batch["top_ids"], teacher_lse=batch["lse_t"],
+                               hidden=hidden)
+        if phase == "self" and self.previous is not None:
+            return self.previous.targets(batch["indices"], self.row_lengths(batch), self.device)
         if phase == "self":
             with torch.no_grad():
-                return SoftTargets(logits=self.self_teacher(batch))
+                return SoftTargets(logits=self.self_teacher(batch)[0])
         return None
 
     def micro_step(self, batch: dict, progress: float, scale: float, clock: dict) -> dict:
@@ -288,12 +353,14 @@ class Trainer:
         soft = self.soft_targets(phase, batch)
         clock["self_teacher"] += time.perf_counter() - tick
         tick = time.perf_counter()
-        logits = self.model(batch)
+        logits, blocks = self.model(batch)
+        if self.previous is not None:  # what the student says now is the self-target an epoch from now
+            self.previous.record(logits, batch["indices"], self.row_lengths(batch))
         clock["forward"] += time.perf_counter() - tick
         tick = time.perf_counter()
         labels = batch["labels"][batch["labels"] != IGNORE_LABEL]  # (n_labels,), the order of the logits
         losses = distillation_loss(logits, labels, soft, self.schedule.soft_weight(progress),
-                                   self.schedule.ce_weight(), self.config.temperature)
+                                   self.schedule.ce_weight(), self.config.temperature, blocks, self.config.hidden_weight)
         clock["loss"] += time.perf_counter() - tick
         tick = time.perf_counter()
         (losses["loss"] * scale).backward()
@@ -301,12 +368,18 @@ class Trainer:
         teacher_ce = None
         if phase == "teacher":  # the teacher's loss on its own likeliest token (its label, as a rule): for the
             teacher_ce = float((batch["lse_1"] - batch["top_values"][:, 0].float()).mean())  # adaptive schedule
-        return dict(loss=losses["loss"].item(), ce=losses["ce"].item(), kl=losses["kl"].item(), teacher_ce=teacher_ce,
+        return dict(loss=losses["loss"].item(), ce=losses["ce"].item(), kl=losses["kl"].item(),
+                    hidden=losses["hidden"].item(), teacher_ce=teacher_ce,
                     tokens=int((batch["labels"] != IGNORE_LABEL).sum()), audio_s=batch["audio_s"])
+
+    @staticmethod
+    def row_lengths(batch: dict) -> List[int]:
+        """How many labelled positions (logit rows) each example of the batch has, in order."""
+        return (batch["labels"] != IGNORE_LABEL).sum(dim=1).tolist()
 
     def update_self_teacher(self, progress: float):
         """Phase B: snapshot the student on entry, then every self_refresh steps (progressive self-KD)."""
-        if self.schedule.phase(progress) != "self":
+        if self.schedule.phase(progress) != "self" or self.previous is not None:
             return
         p = self.progress
         if self.self_teacher is None or p.step - p.self_teacher_step >= self.config.self_refresh:
@@ -337,7 +410,7 @@ class Trainer:
         teacher_ce = [s["teacher_ce"] for s in stats if s["teacher_ce"] is not None]
         self.schedule.observe(mean("ce"), sum(teacher_ce) / len(teacher_ce) if teacher_ce else None)
         return dict(step=p.step, progress=round(fraction, 4), phase=self.schedule.phase(fraction),
-                    loss=mean("loss"), ce=mean("ce"), kl=mean("kl"), soft_weight=self.schedule.soft_weight(fraction),
+                    loss=mean("loss"), ce=mean("ce"), kl=mean("kl"), hidden=mean("hidden"), soft_weight=self.schedule.soft_weight(fraction),
                     lr=self.lr_at(p.step - 1), grad_norm=float(grad_norm),
                     tokens=sum(s["tokens"] for s in stats), audio_s=sum(s["audio_s"] for s in stats))
 

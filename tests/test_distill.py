@@ -184,6 +184,29 @@ def test_top_k_kl_is_a_lower_bound_and_pulls_the_same_way(k):
     assert cosine > {1: 0.3, 16: 0.6, 256: 0.95}[k], cosine
 
 
+def test_previous_predictions_are_each_examples_own_from_last_time():
+    from training import PreviousPredictions
+
+    torch.manual_seed(0)
+    memory = PreviousPredictions(k=8, temperature=2.0)
+    logits = torch.randn(5, 50) * 3  # example 7 has rows 0-2, example 9 rows 3-4
+    memory.record(logits, indices=[7, 9], row_lengths=[3, 2])
+    assert memory.targets([4], [3], "cpu") is None  # never seen
+    # a batch of an unseen example, example 9 and example 7 with another target length: only 9's rows
+    soft = memory.targets([4, 9, 7], [2, 2, 1], "cpu")
+    assert soft.rows.tolist() == [False, False, True, True, False] and soft.top_ids.shape == (2, 8)
+    labels = torch.zeros(5, dtype=torch.long)
+    # the student as it was then has nothing left to learn from itself; a changed student does
+    same = torch.cat([torch.randn(2, 50), logits[3:5], torch.randn(1, 50)])
+    assert distillation_loss(same, labels, soft, 1.0, 1.0, 2.0)["kl"] < 1e-3
+    assert distillation_loss(torch.randn(5, 50), labels, soft, 1.0, 1.0, 2.0)["kl"] > 0.1
+    restored = PreviousPredictions(k=8, temperature=2.0)
+    restored.load_state_dict(memory.state_dict())
+    assert torch.equal(restored.targets([9], [2], "cpu").top_values, memory.targets([9], [2], "cpu").top_values)
+    with pytest.raises(ValueError):
+        ASKDConfig(self_teacher="yesterday")
+
+
 def test_training_tokens_layout():
     tokenizer = get_tokenizer(True, language="en", task="transcribe")
     text = tokenizer.encode(" hello world")
@@ -352,7 +375,7 @@ def _distill(out, *extra, data, cache, env=None, wait=True):
     command = [
         sys.executable, "distill.py", "--teacher", "tiny.en", "--data", str(data), "--out", str(out),
         "--cache", str(cache), "--decoder-layers", "1", "--batch-size", "2", "--workers", "0", "--log-every", "1",
-        "--seed", "3", "--windows", "1", "--margins", "8,16", "--long-form", "", *extra,
+        "--seed", "3", "--windows", "1", "--margins", "8,16", "--long-form", "", "--test-data", *extra,
     ]
     environment = {**os.environ, **(env or {})}
     if not wait:
@@ -372,8 +395,10 @@ def _losses(out):
 def test_each_method_trains_and_writes_a_loadable_student(data_dir, tmp_path, shared_cache, method):
     out = tmp_path / method
     long_form = _clip_folder(data_dir, tmp_path / "long", n=1)  # one short recording: the report's shape
-    shortlist = ("--shortlist", "1000") if method == "ce" else ()
-    run = _distill(out, *shortlist, "--method", method, "--max-steps", "4", "--phase-a-end", "0.5", "--self-refresh", "1",
+    # one feature per run: a shortlist (ce), speed perturbation and intermediate-layer KD (kd), a test set (askd)
+    extra = {"ce": ("--shortlist", "1000"), "kd": ("--speeds", "1.1,1.0", "--hidden-weight", "1"),
+             "askd": ("--test-data", str(data_dir / "test-clean"))}[method]
+    run = _distill(out, *extra, "--method", method, "--max-steps", "4", "--phase-a-end", "0.5", "--self-refresh", "1",
                    "--eval-data", str(data_dir / "test-clean"), "--eval-limit", "2", "--eval-every", "0",
                    "--long-form", str(long_form), data=data_dir / "test-clean", cache=shared_cache)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -390,13 +415,23 @@ def test_each_method_trains_and_writes_a_loadable_student(data_dir, tmp_path, sh
     assert compared["utterances"] == 2 and compared["low"] <= compared["difference"] <= compared["high"]
     assert math.isclose(compared["difference"], done["student_dev_wer"] - done["teacher_dev_wer"], abs_tol=1e-9)
     prepared = next(r["preparation"] for r in _log(out) if "preparation" in r)
-    assert prepared["windows"] == 1 and prepared["examples_kept"] >= 3
+    assert prepared["windows"] >= 1 and prepared["examples_kept"] >= 3
+    if method == "kd":  # each example also at 1.1x; the pulled block outputs are a loss term
+        assert prepared["perturbed"] == prepared["examples_kept"] // 2 and prepared["windows"] == 2
+        assert all(r["hidden"] > 0 for r in records)
+    else:
+        assert prepared["perturbed"] == 0 and prepared["windows"] == 1 and all(r["hidden"] == 0 for r in records)
+    tested = [r for r in _log(out) if "student_vs_teacher_test" in r]
+    assert len(tested) == (method == "askd")
+    if tested:
+        assert tested[0]["student_vs_teacher_test"]["utterances"] == 4 and tested[0]["teacher_test_wer"] < 0.2
+        assert json.loads((out / "test-student.json").read_text())["wer"] == tested[0]["student_test_wer"]
     teacher_long = next(r["teacher_long_form"] for r in _log(out) if "teacher_long_form" in r)
     assert teacher_long["wer"] < 0.2 and teacher_long["at_limit"] == 0 and len(teacher_long["recordings"]) == 1
     assert any("student_long_form" in r for r in _log(out))
     student = load_model(out / "student.pt", device="cpu")
     assert student.dims.n_text_layer == 1 and student.audio_context == AudioContext("dynamic", 16)
-    if shortlist:  # the 1000 most frequent ids, the targets' and the special ones
+    if method == "ce":  # the shortlist: the 1000 most frequent ids, the targets' and the special ones
         assert 1000 + 1608 <= len(student.output_ids) < 4000 and student.output_ids[-1] == student.dims.n_vocab - 1
     else:
         assert student.output_ids is None
@@ -406,9 +441,10 @@ def test_each_method_trains_and_writes_a_loadable_student(data_dir, tmp_path, sh
     assert run.returncode == 0 and "WER" in run.stdout, run.stderr[-2000:]
 
 
-def test_interrupt_and_resume_gives_the_same_trajectory(data_dir, tmp_path, shared_cache):
+@pytest.mark.parametrize("self_teacher", ["snapshot", "previous-epoch"])
+def test_interrupt_and_resume_gives_the_same_trajectory(data_dir, tmp_path, shared_cache, self_teacher):
     common = ("--max-steps", "8", "--method", "askd", "--phase-a-end", "0.5", "--self-refresh", "2",
-              "--eval-every", "0", "--exclude-speakers", "")
+              "--self-teacher", self_teacher, "--eval-every", "0", "--exclude-speakers", "")
     data = data_dir / "test-clean"
     straight = tmp_path / "straight"
     straight.mkdir()
@@ -416,6 +452,8 @@ def test_interrupt_and_resume_gives_the_same_trajectory(data_dir, tmp_path, shar
         (straight / f"dev-{name}.json").write_text(json.dumps({"wer": 0.1, "utterances": []}))
     assert _distill(straight, *common, data=data, cache=shared_cache).returncode == 0
     expected = _losses(straight)
+    self_kl = [r["kl"] for r in _log(straight) if r.get("phase") == "self"]
+    assert len(self_kl) == 3 and (self_teacher == "snapshot" or all(kl > 0 for kl in self_kl))
     assert not list(straight.glob("dev-*.json")) and not any("student_vs_teacher" in r for r in _log(straight))
 
     broken = tmp_path / "broken"
