@@ -250,8 +250,8 @@ def at_speeds(labelled: Sequence[Labelled], speeds: Sequence[float], timestamp_b
     A copy that would not fit Whisper's 30 s window at its speed is left out. Teacher soft targets and
     encoder features are computed on the perturbed audio (cache_targets), so every signal matches it."""
     out = []
-    for x in labelled:
-        for speed in speeds:
+    for speed in speeds:  # speed by speed: a run can reuse the cached items of another speed while it makes its own
+        for x in labelled:
             if speed == 1.0:
                 out.append(x)
                 continue

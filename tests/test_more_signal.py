@@ -108,14 +108,17 @@ def test_perturbed_copies_keep_the_label_and_get_their_own_cache_names(data_dir)
     long_window = _labelled(Example("w", parts, None, True), tokens=(50363, 440, 50463))
     copies = at_speeds([plain, stamped, long_window], (1.0, 0.9, 1.1), timestamp_begin=50363)
     speeds = [(x.example.id, x.example.speed) for x in copies]
-    assert speeds == [(plain.example.id, 1.0), (plain.example.id, 0.9), (plain.example.id, 1.1)] * 2 + [("w", 1.0), ("w", 1.1)]
+    ids = (plain.example.id, stamped.example.id)
+    assert speeds == [(i, 1.0) for i in (*ids, "w")] + [(i, 0.9) for i in ids] + [(i, 1.1) for i in (*ids, "w")]
     assert all(x.text == plain.text for x in copies)  # the recording's label
-    assert [x.item for x in copies[:3]] == [plain.item] * 3
-    assert [x.tokens for x in copies[:3]] == [plain.tokens] * 3
-    assert [x.tokens for x in copies[3:6]] == [[50363, 440, 50463], [50363, 440, 50474], [50363, 440, 50454]]
+    by_speed = {x.example.speed: x for x in copies if x.example.id == plain.example.id and not x.example.timestamps}
+    assert [by_speed[s].item for s in (1.0, 0.9, 1.1)] == [plain.item] * 3
+    assert [by_speed[s].tokens for s in (1.0, 0.9, 1.1)] == [plain.tokens] * 3
+    stamped_copies = [x.tokens for x in copies if x.example.timestamps and x.example.id == stamped.example.id]
+    assert stamped_copies == [[50363, 440, 50463], [50363, 440, 50474], [50363, 440, 50454]]
     names = {x.target_item for x in copies}
     assert len(names) == len(copies)  # each speed its own targets item; the labels item is shared
-    assert at_speeds([plain], (1.1,), 50363)[0].target_item == copies[2].target_item
+    assert at_speeds([plain], (1.1,), 50363)[0].target_item == by_speed[1.1].target_item
 
 
 def test_a_perturbed_example_loads_at_its_speed(data_dir):
