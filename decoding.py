@@ -65,24 +65,42 @@ def compression_ratio(text: str) -> float:
 # Logit filters: each masks, in place, the tokens that may not come next. logits (N, V), tokens (N, L).
 
 
+class TokenIds:
+    """A fixed list of token ids as a tensor on each device it is used on, made once: indexing logits
+    with a Python list builds a new index tensor on every call, that is on every decoding step."""
+
+    def __init__(self, ids: Sequence[int]):
+        self.ids = list(ids)
+        self._on = {}
+
+    def on(self, device: torch.device) -> Tensor:
+        if device not in self._on:
+            self._on[device] = torch.tensor(self.ids, dtype=torch.long, device=device)  # (n,)
+        return self._on[device]
+
+    def suppress(self, logits: Tensor):
+        """logits (N, V): -inf at these ids, in place."""
+        logits.index_fill_(1, self.on(logits.device), -np.inf)
+
+
 class SuppressBlank:
     """The first sampled token may be neither a space nor <|endoftext|>."""
 
     def __init__(self, tokenizer: Tokenizer, sample_begin: int):
-        self.suppressed = tokenizer.encode(" ") + [tokenizer.eot]
+        self.suppressed = TokenIds(tokenizer.encode(" ") + [tokenizer.eot])
         self.sample_begin = sample_begin
 
     def apply(self, logits: Tensor, tokens: Tensor):
         if tokens.shape[1] == self.sample_begin:
-            logits[:, self.suppressed] = -np.inf
+            self.suppressed.suppress(logits)
 
 
 class SuppressTokens:
     def __init__(self, suppress_tokens: Sequence[int]):
-        self.suppress_tokens = list(suppress_tokens)
+        self.suppress_tokens = TokenIds(suppress_tokens)
 
     def apply(self, logits: Tensor, tokens: Tensor):
-        logits[:, self.suppress_tokens] = -np.inf
+        self.suppress_tokens.suppress(logits)
 
 
 class ApplyTimestampRules:
@@ -136,11 +154,11 @@ class GreedyDecoder:
         else:
             probs = F.softmax(logits.float() / self.temperature, dim=-1)
             next_tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
-        logprobs = F.log_softmax(logits.float(), dim=-1)
-        current = logprobs[torch.arange(logprobs.shape[0]), next_tokens]
+        logprobs = F.log_softmax(logits.float(), dim=-1)  # (N, V)
+        current = logprobs.gather(1, next_tokens[:, None])[:, 0]  # (N,): each row's chosen token
         finished = tokens[:, -1] == self.eot
-        sum_logprobs += current * ~finished
-        next_tokens[finished] = self.eot  # finished rows keep emitting EOT
+        sum_logprobs += current.masked_fill_(finished, 0.0)  # finished rows score nothing more
+        next_tokens.masked_fill_(finished, self.eot)  # finished rows keep emitting EOT
         tokens = torch.cat([tokens, next_tokens[:, None]], dim=-1)
         return tokens, bool((tokens[:, -1] == self.eot).all())
 
@@ -364,7 +382,9 @@ def _sample(model, audio_features, audio_lengths, tokens, decoder, filters, samp
             no_speech_probs = logits[:, sot_index].softmax(dim=-1)[:, no_speech].tolist()
         else:
             logits = run_token(tokens[:, -1:])  # (N, 1, V): the cache holds the rest
-        logits = logits[:, -1].clone()  # the filters write into it; a graph's output buffer must stay intact
+        logits = logits[:, -1]  # (N, V): the filters write into it
+        if use_static_step:
+            logits = logits.clone()  # a graph's output buffer must stay intact; other steps return new logits
         for logit_filter in filters:
             logit_filter.apply(logits, tokens)
         tokens, done = decoder.update(tokens, logits, sum_logprobs, cache)

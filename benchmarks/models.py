@@ -24,6 +24,12 @@ student checkpoint made for it); --audio-ctx/--audio-margin override it for ever
               STEPS_TIMED steps on the KV cache); median of --repeats after --warmup calls, CUDA events on GPU.
               overhead = end to end - log-Mel - the network's time for the steps the run took (logit filters,
               softmax, beam bookkeeping, Python), per decoding step.
+  memory floor
+              per model, what its batch-1 greedy decoding step must read per token (step_bytes: the decoder's
+              weights once, the output projection, the cross-attention keys/values of the split's audio, the
+              self-attention cache so far) divided by the read bandwidth measured in the same run (one float32
+              row times a READ_BYTES weight through the path the models' products take); beside it the split's
+              ms per token and how many times the floor that is.
   audio context sweep
               where the time goes vs audio length: clips of exactly --sweep-seconds (5, 10, 20, 30 s), cut
               from the dev speech played end to end, each at batch 1 under a fixed context (3000 Mel frames,
@@ -45,6 +51,7 @@ freely and are scored.
 import contextlib
 import copy
 import functools
+import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import List, Optional
@@ -54,13 +61,13 @@ import torch
 from audio import CHUNK_LENGTH
 from benchmarks.common import (
     ByDevice, Clip, Column, column, full_batches, load_clips, machine, median_ms, pick_device, plot_runs, print_table,
-    report_header, run_summary, settle_defaults, speech_cuts, time_in_turns, write_json,
+    report_header, run_summary, settle_defaults, speech_cuts, synchronize, time_calls_ms, time_in_turns, write_json,
 )
 from decoding import NO_FALLBACK, DecodingOptions, initial_tokens
 from evaluate import word_error_rate
 from load import DTYPES, load_model
-from model import MODEL_DIMS, AudioContext, ModelDimensions, Whisper
-from quantize import int8_for_decoding
+from model import MODEL_DIMS, AudioContext, ModelDimensions, OneDNNWeight, Whisper, linear, onednn_linear_available
+from quantize import Int8Weight, int8_for_decoding
 from student import make_student
 from tokenizer import tokenizer_for
 from transcribe import audio_context_override, clip_mels, encoder_input, transcribe_clips
@@ -68,6 +75,12 @@ from transcribe import audio_context_override, clip_mels, encoder_input, transcr
 DECODERS = {"greedy": {}, "beam5": {"beam_size": 5}}  # extra DecodingOptions of each
 STEPS_TIMED = 32  # one-token decoder steps per timed call of the split: about one utterance's worth
 SWEEP_MARGIN = 16  # the sweep's dynamic context for a model whose own is fixed: positions (20 ms) past the audio
+# The memory floor's bandwidth: a float32 weight this large (far beyond any CPU cache or GPU L2), one row times
+# it, READ_REPEATS timed calls after two untimed ones (the first makes oneDNN's blocked copy).
+READ_BYTES = {"cuda": 2**30, "cpu": 2**28}
+READ_COLUMNS = 4096  # the weight's inner dimension: (READ_BYTES / 4 / 4096, 4096)
+READ_REPEATS = 9
+INT8_SCALE_BYTES = 4  # an int8 weight's per-output-row scale (float32), read with its row
 
 # Every default of the mode, read by both the flags' help (bench.py) and settle_defaults; a GPU takes larger
 # batches and more passes. --students and --dtype default to what student_shapes and load_model choose;
@@ -84,9 +97,14 @@ MODEL_FIELDS = ("name", "source", "encoder_layers", "decoder_layers", "parameter
 RUN_FIELDS = ("model", "set", "decoder", "batch_size", "forced_length", "n_items", "n_batches", "audio_seconds",
               "total_s", "rtf", "audio_s_per_s", "latency_ms_median", "latency_ms_p90", "tokens", "tokens_per_s",
               "peak_mib", "wer", "speedup_vs_teacher", "batch_ms", "batch_audio_s", "steps")
-SPLIT_FIELDS = ("model", "decoder", "batch_size", "rows", "mel_ms", "encoder_ms", "first_step_ms", "per_token_ms",
-                "overhead_ms_per_step", "encoder_times_ms", "first_step_times_ms", "per_token_times_ms",
-                "encoder_peak_mib", "decoder_peak_mib")
+SPLIT_FIELDS = ("model", "decoder", "batch_size", "rows", "audio_positions", "prompt_tokens", "mel_ms", "encoder_ms",
+                "first_step_ms", "per_token_ms", "overhead_ms_per_step", "encoder_times_ms", "first_step_times_ms",
+                "per_token_times_ms", "encoder_peak_mib", "decoder_peak_mib")
+FLOOR_SECTION_FIELDS = ("bandwidth", "steps_timed", "rows")
+BANDWIDTH_FIELDS = ("path", "bytes", "shape", "repeats", "median_ms", "times_ms", "bytes_per_s")
+FLOOR_FIELDS = ("model", "audio_positions", "attended_tokens", "bytes", "bytes_per_token", "floor_ms_per_token",
+                "per_token_ms", "step_vs_floor")
+STEP_BYTES_PARTS = ("decoder_weights", "output_projection", "cross_kv", "self_kv")  # and "total"
 SWEEP_FIELDS = ("model", "seconds", "steps", "fixed", "dynamic", "dynamic_vs_fixed")
 SWEEP_CONTEXT_FIELDS = ("audio_context", "mel_frames", "positions", "encoder_ms", "first_step_ms", "per_token_ms",
                         "latency_ms", "decoder_steps", "encoder_times_ms", "first_step_times_ms",
@@ -334,7 +352,8 @@ def measure_split(model: Whisper, mel: torch.Tensor, beams: int, warmup: int, re
     first_ms, first_times, first_peak = median_ms(lambda: first_step(cache), device, warmup, repeats)
     steps_ms, steps_times, steps_peak = median_ms(lambda: further_steps(cache), device, warmup, repeats)
     peaks = [p for p in (first_peak, steps_peak) if p is not None]
-    return {"rows": rows, "encoder_ms": encoder_ms, "first_step_ms": first_ms, "per_token_ms": steps_ms / STEPS_TIMED,
+    return {"rows": rows, "audio_positions": features.shape[1], "prompt_tokens": len(prompt),
+            "encoder_ms": encoder_ms, "first_step_ms": first_ms, "per_token_ms": steps_ms / STEPS_TIMED,
             "encoder_times_ms": encoder_times, "first_step_times_ms": first_times,
             "per_token_times_ms": [t / STEPS_TIMED for t in steps_times], "encoder_peak_mib": encoder_peak,
             "decoder_peak_mib": max(peaks) if peaks else None}
@@ -374,6 +393,104 @@ def the_split(contenders: List[Contender], utterances, runs, args, device) -> Li
                 row["overhead_ms_per_step"] = overhead_ms_per_step(own_runs, row)
                 split.append(row)
     return split
+
+
+# ----------------------------------------------------------------------------- the memory floor
+
+def step_bytes(dims: ModelDimensions, audio_positions: int, attended_tokens: float, element_bytes: int = 4,
+               output_rows: Optional[int] = None, output_int8: bool = False, blocks_int8: bool = False) -> dict:
+    """The bytes one single-token decoding step reads at batch 1, by part, and their "total". At batch 1 a
+    step multiplies one row by every matrix it uses, so it reads each of those weights once.
+
+    decoder_weights    every decoder block's self-attention (query, key, value, out), cross-attention query
+                       and out, MLP, its three layer norms; the final norm; the rows of the token and position
+                       embeddings it adds. Not the cross-attention key and value weights: those run on the
+                       audio, once, in the first step. blocks_int8: the blocks' matrices at 1 byte an element
+                       plus a float32 scale per output row (quantize.Int8Weight); biases and norms stay float.
+    output_projection  the token embedding as output projection, n_vocab x D (output_rows: only a shortlist's
+                       rows); output_int8: 1 byte an element plus a float32 scale per row.
+    cross_kv           the audio's keys and values in every layer: 2 x layers x audio_positions x D.
+    self_kv            the self-attention keys and values of the attended_tokens so far, this one included.
+
+    element_bytes: the model's dtype (4 float32, 2 bfloat16); the caches are in it too. What the step
+    writes (its own keys and values, the logits) and the activations are left out: they are a few rows."""
+    d, layers = dims.n_text_state, dims.n_text_layer
+    matrices = 14 * d * d  # per block: self q, k, v, out (4 D^2), cross q, out (2 D^2), MLP (2 x 4 D^2)
+    matrix_rows = 11 * d  # their output rows: 4 D + 2 D + 4 D + D
+    vectors = 16 * d  # biases (self q, v, out; cross q, out; MLP 4 D + D: 10 D) and three norms (6 D)
+    if blocks_int8:
+        per_block = matrices + matrix_rows * INT8_SCALE_BYTES + vectors * 4
+    else:
+        per_block = (matrices + vectors) * element_bytes
+    final_norm_and_embedding_rows = (2 * d + d + d) * element_bytes  # the norm; a token's row, a position's
+    rows = dims.n_vocab if output_rows is None else output_rows
+    output = rows * (d + INT8_SCALE_BYTES) if output_int8 else rows * d * element_bytes
+    parts = {"decoder_weights": layers * per_block + final_norm_and_embedding_rows, "output_projection": output,
+             "cross_kv": 2 * layers * audio_positions * d * element_bytes,
+             "self_kv": 2 * layers * attended_tokens * d * element_bytes}
+    return {**parts, "total": sum(parts.values())}
+
+
+def model_step_bytes(model: Whisper, audio_positions: int, attended_tokens: float) -> dict:
+    """step_bytes for this model as it decodes: its dtype, its shortlist, which of its products read int8."""
+    decoder = model.decoder
+    return step_bytes(model.dims, audio_positions, attended_tokens, element_bytes=model.dtype.itemsize,
+                      output_rows=None if decoder.shortlist is None else len(decoder.shortlist.ids),
+                      output_int8=isinstance(decoder.inference_weight, Int8Weight),
+                      blocks_int8=isinstance(decoder.blocks[0].mlp[0].inference_weight, Int8Weight))
+
+
+@torch.no_grad()
+def measure_read_bandwidth(device, n_bytes: int, repeats: int = READ_REPEATS) -> dict:
+    """Bytes per second a decoding step's kind of product reads: one float32 row times a weight of n_bytes,
+    through the path the models' products take on this device (oneDNN's blocked copy on CPU, as after
+    optimize_for_decoding; F.linear elsewhere). The median of `repeats` calls; the row and the output are
+    a few KB, so the weight's bytes are the bytes read."""
+    weight = torch.ones(n_bytes // (4 * READ_COLUMNS), READ_COLUMNS, device=device)  # (N, 4096) float32
+    row = torch.ones(1, READ_COLUMNS, device=device)  # (1, 4096)
+    inference_weight = OneDNNWeight() if device.type == "cpu" and onednn_linear_available() else None
+
+    def call():
+        return linear(row, weight, None, inference_weight)
+
+    for _ in range(2):  # untimed: the first makes the blocked copy, both fault its pages in
+        call()
+    synchronize(device)
+    times = time_calls_ms(call, device, repeats, before_each=lambda: None)
+    median = statistics.median(times)
+    read = weight.numel() * weight.element_size()
+    return {"path": "oneDNN blocked weight" if inference_weight else "F.linear", "bytes": read,
+            "shape": list(weight.shape), "repeats": repeats, "median_ms": median, "times_ms": times,
+            "bytes_per_s": read / (median / 1e3)}
+
+
+def floor_rows(contenders: List[Contender], split: List[dict], bytes_per_s: float) -> List[dict]:
+    """Per model with a greedy batch-1 split row: its bytes per token at that row's audio positions, with the
+    self-attention cache at its mean over the split's timed steps (step i of STEPS_TIMED attends to the
+    prompt and i + 1 tokens); the floor in ms; the split's ms per token; step / floor."""
+    rows = []
+    for contender in contenders:
+        measured = find(split, contender.name, "greedy", 1)
+        if not measured:
+            continue
+        measured = measured[0]
+        attended = measured["prompt_tokens"] + (STEPS_TIMED + 1) / 2
+        parts = model_step_bytes(contender.model, measured["audio_positions"], attended)
+        floor_ms = parts["total"] / bytes_per_s * 1e3
+        rows.append({"model": contender.name, "audio_positions": measured["audio_positions"],
+                     "attended_tokens": attended, "bytes": parts, "bytes_per_token": parts["total"],
+                     "floor_ms_per_token": floor_ms, "per_token_ms": measured["per_token_ms"],
+                     "step_vs_floor": measured["per_token_ms"] / floor_ms})
+    return rows
+
+
+def memory_floor(contenders: List[Contender], split: List[dict], device) -> dict:
+    print(f"memory floor: read bandwidth, one row times a {READ_BYTES[device.type] // 2**20} MiB float32 weight",
+          flush=True)
+    bandwidth = measure_read_bandwidth(device, READ_BYTES[device.type])
+    print(f"read bandwidth: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s ({bandwidth['path']})")
+    return {"bandwidth": bandwidth, "steps_timed": STEPS_TIMED,
+            "rows": floor_rows(contenders, split, bandwidth["bytes_per_s"])}
 
 
 # ----------------------------------------------------------------------------- the audio context sweep
@@ -485,6 +602,14 @@ SPLIT_COLUMNS = (column("model", "model"), column("decoder", "decoder"), column(
                  column("ms/token", "per_token_ms", ".2f"), column("overhead ms/step", "overhead_ms_per_step", ".2f"))
 
 
+FLOOR_COLUMNS = (column("model", "model"), column("positions", "audio_positions", "d"),
+                 column("MB/token", "bytes_per_token", lambda b: f"{b / 1e6:.1f}"),
+                 *(Column(f"{header} MB", lambda r, part=part: r["bytes"][part] / 1e6, ".1f") for part, header in
+                   zip(STEP_BYTES_PARTS, ("weights", "output", "cross K/V", "self K/V"))),
+                 column("floor ms/token", "floor_ms_per_token", ".2f"), column("ms/token", "per_token_ms", ".2f"),
+                 column("x floor", "step_vs_floor", lambda v: f"{v:.2f}x"))
+
+
 def sweep_columns(name: str, header: str, spec: str):
     """fixed, dynamic and their ratio of one time."""
     return (Column(f"{header} fixed", lambda r: r["fixed"][f"{name}_ms"], spec),
@@ -498,12 +623,16 @@ SWEEP_COLUMNS = (column("model", "model"), column("audio s", "seconds", "g"), co
                  *sweep_columns("latency", "latency ms", ".1f"))
 
 
-def print_tables(models, runs, split, sweep, machine_line):
+def print_tables(models, runs, split, floor, sweep, machine_line):
     print_table(MODEL_COLUMNS, models, f"models, timed on {machine_line}")
     print_table(RUN_COLUMNS, runs, "end to end (RTF = seconds / audio seconds; latency per batch, i.e. per "
                                    "utterance at batch 1)")
     print_table(SPLIT_COLUMNS, split, "the split (per batch; 1st step = prompt + cross-attention keys/values; "
                                       "overhead from end to end)")
+    bandwidth = floor["bandwidth"]
+    print_table(FLOOR_COLUMNS, floor["rows"], f"memory floor (batch 1, greedy: the bytes a step reads / "
+                f"{bandwidth['bytes_per_s'] / 1e9:.1f} GB/s read bandwidth, {bandwidth['path']}; ms/token from "
+                "the split; x floor = ms/token / floor)")
     if sweep:
         print_table(SWEEP_COLUMNS, sweep["rows"], "audio context sweep (batch 1, greedy, the teacher's steps on each "
                                                   "clip; positions fixed/dynamic; ratio = dynamic / fixed)")
@@ -536,6 +665,13 @@ def report_notes(device):
         ("peak_mib: torch.cuda.max_memory_allocated minus memory_allocated before the call" if device.type == "cuda"
          else "peak_mib: growth of the process's peak RSS (VmHWM) during the call, page-granular; null off Linux"),
         "speedup_vs_teacher: teacher total_s / this total_s on the same set, decoder and batch size",
+        "memory_floor: bandwidth = one float32 row times a weight of bandwidth.bytes through the models' product path "
+        "(oneDNN's blocked copy on CPU), median of its repeats; rows: per model with a greedy batch-1 split row, "
+        "bytes = what a decoding step reads per token (benchmarks.models.step_bytes: decoder weights once without "
+        "the cross-attention key/value weights, the output projection (int8: 1 byte an element + a float32 scale "
+        "per row; a shortlist: its rows), the cross-attention keys/values of audio_positions, the self-attention "
+        "cache at attended_tokens, the mean over the split's timed steps); floor_ms_per_token = bytes_per_token / "
+        "bandwidth.bytes_per_s; per_token_ms: the split's; step_vs_floor = per_token_ms / floor_ms_per_token",
         "audio_context (models): what each model heard in runs and split: {mode: fixed (30 s windows) or dynamic "
         "(the real length plus margin positions of 20 ms)}, its own or --audio-ctx/--audio-margin "
         "(audio_context_override); student_checkpoints: the --student entries (checkpoints, or official models "
@@ -578,6 +714,7 @@ def run(args):
 
     runs = end_to_end(contenders, utterances, windows, args, device)
     split = the_split(contenders, utterances, runs, args, device)
+    floor = memory_floor(contenders, split, device)
     sweep = None
     if not args.no_context_sweep:
         margin = SWEEP_MARGIN if args.audio_margin is None else args.audio_margin
@@ -587,7 +724,7 @@ def run(args):
                  "speech": "the first N s of the windows, then the utterances (sets), played end to end",
                  "rows": context_sweep(contenders, clips, margin, args, device)}
     models = [model_row(c) for c in contenders]
-    print_tables(models, runs, split, sweep, machine(header))
+    print_tables(models, runs, split, floor, sweep, machine(header))
     print_summary(runs, teacher.name)
     title = f"{header['device_name']}, {teacher.model.dtype}: teacher {args.teacher} and students"
     plot, plot_note = plot_runs(runs, args.plot, title)
@@ -602,6 +739,6 @@ def run(args):
         dtype=str(teacher.model.dtype), quick=args.quick,
         sets=describe_sets(description, utterances, windows), batch_sizes=args.batch_sizes, decoders=args.decoders,
         warmup=args.warmup, repeats=args.repeats, passes=args.passes, steps_timed=STEPS_TIMED,
-        models=models, runs=runs, split=split, audio_context_sweep=sweep, plot=plot, plot_note=plot_note,
-        notes=report_notes(device))
+        models=models, runs=runs, split=split, memory_floor=floor, audio_context_sweep=sweep, plot=plot,
+        plot_note=plot_note, notes=report_notes(device))
     write_json(report, args.json)

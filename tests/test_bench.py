@@ -35,7 +35,7 @@ HEADER_FIELDS = ("mode", "date", "device", "device_name", "torch_version", "pyth
 REPORT_FIELDS = HEADER_FIELDS + (
     "teacher", "student_checkpoint", "student_checkpoints", "audio_context_override", "dtype", "quick", "sets",
     "batch_sizes", "decoders", "warmup", "repeats", "passes", "steps_timed", "models", "runs", "split",
-    "audio_context_sweep", "plot", "plot_note", "notes")
+    "memory_floor", "audio_context_sweep", "plot", "plot_note", "notes")
 SWEEP_SECTION_FIELDS = ("seconds", "repeats", "warmup", "default_margin", "steps_timed", "speech", "rows")
 FIXED = {"mode": "fixed", "margin": 0}
 PEERS_REPORT_FIELDS = HEADER_FIELDS + (
@@ -120,6 +120,29 @@ def check_sweep(sweep, models, seconds, repeats):
     # No timing comparison between contexts: at one repeat on a shared box, a single stall could reverse it.
 
 
+def check_memory_floor(floor, models, split):
+    """A row per model: its bytes per token by part, the floor they take at the bandwidth measured in the run,
+    the split's greedy batch-1 ms per token, and the ratio of the two."""
+    assert set(floor) == set(bench_models.FLOOR_SECTION_FIELDS)
+    bandwidth = floor["bandwidth"]
+    assert set(bandwidth) == set(bench_models.BANDWIDTH_FIELDS)
+    assert bandwidth["bytes"] == bench_models.READ_BYTES["cpu"] and len(bandwidth["times_ms"]) == bandwidth["repeats"]
+    assert math.isclose(bandwidth["bytes_per_s"], bandwidth["bytes"] / (bandwidth["median_ms"] / 1e3))
+    assert [r["model"] for r in floor["rows"]] == [m["name"] for m in models]
+    for row in floor["rows"]:
+        assert set(row) == set(bench_models.FLOOR_FIELDS)
+        (measured,) = [s for s in split if (s["model"], s["decoder"], s["batch_size"]) == (row["model"], "greedy", 1)]
+        assert row["per_token_ms"] == measured["per_token_ms"] and row["audio_positions"] == measured["audio_positions"]
+        assert row["attended_tokens"] == measured["prompt_tokens"] + (floor["steps_timed"] + 1) / 2
+        parts = row["bytes"]
+        assert row["bytes_per_token"] == parts["total"] == sum(parts[p] for p in bench_models.STEP_BYTES_PARTS)
+        assert math.isclose(row["floor_ms_per_token"], row["bytes_per_token"] / bandwidth["bytes_per_s"] * 1e3)
+        assert math.isclose(row["step_vs_floor"], row["per_token_ms"] / row["floor_ms_per_token"])
+    teacher, student = floor["rows"][:2]
+    assert student["bytes"]["decoder_weights"] < teacher["bytes"]["decoder_weights"]  # 2 decoder layers of 4
+    assert student["bytes"]["output_projection"] == teacher["bytes"]["output_projection"]
+
+
 def test_models_quick_cpu(tmp_path):
     stdout, report, plot_path, elapsed = run_bench(QUICK_FLAGS, tmp_path, "bench")
     assert elapsed < CI_SECONDS
@@ -128,7 +151,7 @@ def test_models_quick_cpu(tmp_path):
     assert report["mode"] == "models" and report["device"] == "cpu" and report["quick"] is True
     assert report["teacher"] == "tiny.en" and report["cpu_threads"] == 1
     assert report["batch_sizes"] == [1, 2] and report["decoders"] == ["greedy"]
-    for name in ("end to end", "the split", "x teacher", "ms/token", "audio context sweep"):  # the tables
+    for name in ("end to end", "the split", "x teacher", "ms/token", "memory floor", "audio context sweep"):
         assert name in stdout
     assert "goal" not in stdout  # a benchmark reports what it measured
     check_machine(report, stdout)
@@ -185,8 +208,10 @@ def test_models_quick_cpu(tmp_path):
         assert math.isclose(row["per_token_ms"], statistics.median(row["per_token_times_ms"]))
         assert len(row["encoder_times_ms"]) == report["repeats"] == 2
         assert isinstance(row["overhead_ms_per_step"], float) and math.isfinite(row["overhead_ms_per_step"])
+        assert row["audio_positions"] == 1500 and positive(row["prompt_tokens"])  # fixed context: 30 s
         if sys.platform.startswith("linux"):
             assert positive(row["encoder_peak_mib"]) and positive(row["decoder_peak_mib"])
+    check_memory_floor(report["memory_floor"], models, split)
 
     check_sweep(report["audio_context_sweep"], models, seconds=[5, 30], repeats=1)  # quick: 5 and 30 s, once
 
@@ -259,6 +284,84 @@ def test_int8_adds_every_model_again_with_int8_weights(one_thread):
         assert not isinstance(output.model.encoder.blocks[0].mlp[0].inference_weight, Int8Weight)
         assert isinstance(every.model.encoder.blocks[0].mlp[0].inference_weight, Int8Weight)
 
+
+
+def test_step_bytes_of_tiny_en_match_a_hand_count():
+    """tiny.en: D = 384, 4 decoder layers, 51864 tokens; 30 s of audio (1500 positions), 10 tokens attended."""
+    from model import MODEL_DIMS
+
+    d, v = 384, 51864
+    block = (4 * d * d + 3 * d  # self-attention: query, key, value, out; biases of query, value, out (not key)
+             + 2 * d * d + 2 * d  # cross-attention query and out (its key and value ran in the first step)
+             + 4 * d * d + 4 * d + 4 * d * d + d  # MLP: D -> 4 D -> D
+             + 3 * 2 * d)  # three layer norms
+    assert block == 2_070_528
+    assert 4 * (4 * block + 2 * d + 2 * d) == 33_134_592  # + the final norm, a token's and a position's row
+    expected = {"decoder_weights": 33_134_592, "output_projection": v * d * 4,  # 79,663,104
+                "cross_kv": 2 * 4 * 1500 * d * 4, "self_kv": 2 * 4 * 10 * d * 4}  # 18,432,000 and 122,880
+    got = bench_models.step_bytes(MODEL_DIMS["tiny.en"], audio_positions=1500, attended_tokens=10)
+    assert got == {**expected, "total": 131_352_576}
+
+    int8 = bench_models.step_bytes(MODEL_DIMS["tiny.en"], 1500, 10, output_int8=True, blocks_int8=True)
+    assert int8["output_projection"] == v * d + v * 4 == 20_123_232  # a byte an element, a float32 scale a row
+    matrices, scales, vectors = 14 * d * d, 11 * d * 4, 16 * d * 4  # int8 matrices; float biases and norms
+    assert int8["decoder_weights"] == 4 * (matrices + scales + vectors) + 4 * 4 * d == 8_429_568
+    assert int8["cross_kv"] == expected["cross_kv"]  # the caches stay float32
+    short = bench_models.step_bytes(MODEL_DIMS["tiny.en"], 100, 10, element_bytes=2, output_rows=3000)
+    assert short["output_projection"] == 3000 * d * 2 and short["cross_kv"] == 2 * 4 * 100 * d * 2
+
+
+@torch.no_grad()
+def test_step_bytes_of_a_model_count_the_parameters_a_step_reads():
+    """Against the model's own parameters: every decoder parameter but the cross-attention key and value
+    and the two embeddings (a row of each), in float32, then with the blocks and the projection in int8."""
+    from model import ModelDimensions, Whisper
+    from quantize import int8_for_decoding
+
+    torch.manual_seed(0)
+    model = Whisper(ModelDimensions(80, 1500, 64, 2, 1, 51864, 448, 64, 2, 2)).eval()
+    d = model.dims.n_text_state
+    read = {name: p for name, p in model.decoder.named_parameters()
+            if not any(skip in name for skip in ("cross_attn.key", "cross_attn.value", "embedding"))}
+    parts = bench_models.model_step_bytes(model, audio_positions=100, attended_tokens=7)
+    assert parts["decoder_weights"] == 4 * (sum(p.numel() for p in read.values()) + 2 * d)
+    assert parts["output_projection"] == 4 * model.decoder.token_embedding.weight.numel()
+    assert (parts["cross_kv"], parts["self_kv"]) == (2 * 2 * 100 * d * 4, 2 * 2 * 7 * d * 4)
+
+    int8_for_decoding(model.optimize_for_decoding(), "decoder").restrict_output([1, 2, 3])
+    int8 = bench_models.model_step_bytes(model, 100, 7)
+    in_blocks = {name: p for name, p in read.items() if name.startswith("blocks.")}
+    matrices = sum(p.numel() + 4 * p.shape[0] for p in in_blocks.values() if p.ndim == 2)
+    floats = sum(4 * p.numel() for p in read.values() if p.ndim == 1)
+    assert int8["decoder_weights"] == matrices + floats + 2 * d * 4
+    assert int8["output_projection"] == 3 * (d + 4)
+
+
+def test_read_bandwidth_is_the_weights_bytes_over_the_median_time():
+    measured = bench_models.measure_read_bandwidth(torch.device("cpu"), 2**22, repeats=3)  # 4 MiB: CI-sized
+    assert set(measured) == set(bench_models.BANDWIDTH_FIELDS)
+    assert measured["bytes"] == 2**22 and measured["shape"] == [256, 4096] and len(measured["times_ms"]) == 3
+    assert measured["median_ms"] == statistics.median(measured["times_ms"]) and positive(measured["bytes_per_s"])
+    assert math.isclose(measured["bytes_per_s"], 2**22 / (measured["median_ms"] / 1e3))
+    assert measured["path"] in ("oneDNN blocked weight", "F.linear")
+
+
+def test_floor_rows_divide_each_models_bytes_by_the_bandwidth():
+    from model import ModelDimensions, Whisper
+
+    torch.manual_seed(0)
+    model = Whisper(ModelDimensions(80, 1500, 64, 2, 1, 51864, 448, 64, 2, 2))
+    contenders = [bench_models.Contender("a", model, "a", False), bench_models.Contender("b", model, "b", True)]
+    split = [{"model": "a", "decoder": "greedy", "batch_size": 1, "audio_positions": 250, "prompt_tokens": 3,
+              "per_token_ms": 2.0},
+             {"model": "a", "decoder": "greedy", "batch_size": 2, "audio_positions": 250, "prompt_tokens": 3,
+              "per_token_ms": 3.0}]  # b has no greedy batch-1 row: no floor row
+    (row,) = bench_models.floor_rows(contenders, split, bytes_per_s=1e9)
+    attended = 3 + (bench_models.STEPS_TIMED + 1) / 2  # the mean over the timed steps
+    expected = bench_models.model_step_bytes(model, 250, attended)
+    assert row["bytes"] == expected and row["attended_tokens"] == attended
+    assert math.isclose(row["floor_ms_per_token"], expected["total"] / 1e9 * 1e3)
+    assert row["per_token_ms"] == 2.0 and math.isclose(row["step_vs_floor"], 2.0 / row["floor_ms_per_token"])
 
 
 def test_trained_students_are_named_by_the_shortest_ending_that_tells_them_apart():
