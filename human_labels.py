@@ -67,9 +67,10 @@ def corrected_words(teacher_words: Sequence[str], reference: str) -> List[Tuple[
                 if dropped_before and (not out or out[-1][0].endswith(SENTENCE_END)):  # now starts a sentence
                     word = word[:1].upper() + word[1:]
                 out.append((word, places[i]))
-        elif t1 - t0 == r1 - r0:  # word for word: each keeps its place and its closing punctuation
-            for i, j in zip(range(t0, t1), range(r0, r1)):
-                _append(out, reference_words[j], places[i], TRAILING_PUNCTUATION.search(words[i]))
+        elif t1 - t0 == r1 - r0:  # word for word: each keeps its place, its closing punctuation and a capital
+            for i, j in zip(range(t0, t1), range(r0, r1)):  # (a name misheard is still a name: "Maria" -> "Maria's")
+                _append(out, reference_words[j], places[i], TRAILING_PUNCTUATION.search(words[i]),
+                        capital=words[i][:1].isupper())
         else:
             place = places[t0] if t0 < len(places) else (places[-1] if places else 0)
             for j in range(r0, r1):
@@ -84,10 +85,13 @@ def _with_punctuation(word: str, punctuation) -> str:
     return word + punctuation.group() if punctuation and not TRAILING_PUNCTUATION.search(word) else word
 
 
-def _append(out: List[Tuple[str, int]], reference_word: Optional[str], place: int, punctuation) -> None:
-    """Add a reference word in the teacher's style, then the closing punctuation (if the last word has none)."""
+def _append(out: List[Tuple[str, int]], reference_word: Optional[str], place: int, punctuation,
+            capital: bool = False) -> None:
+    """Add a reference word in the teacher's style (capitalised at a sentence start, or where the teacher's
+    word it replaces was), then the closing punctuation (if the last word has none)."""
     if reference_word is not None:
-        out.append((_in_teacher_style(reference_word, not out or out[-1][0].endswith(SENTENCE_END)), place))
+        starts_sentence = not out or out[-1][0].endswith(SENTENCE_END)
+        out.append((_in_teacher_style(reference_word, capital or starts_sentence), place))
     if out:
         out[-1] = (_with_punctuation(out[-1][0], punctuation), out[-1][1])
 

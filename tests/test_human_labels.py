@@ -19,6 +19,7 @@ def tokenizer():
     (" The cat sad, on the mat.", "THE CAT SAT ON THE MAT", " The cat sat, on the mat."),
     (" Hello. Word is out.", "HELLO WORLD IS OUT", " Hello. World is out."),  # capitalised at a sentence start
     (" He said so.", "I SAID SO", " I said so."),
+    (" But Maria still missing.", "BUT MARIA'S STILL MISSING", " But Maria's still missing."),  # a name stays one
     # words the teacher missed are inserted; words it added are dropped, their punctuation kept
     (" Hello, world.", "HELLO WORLD I'M HERE", " Hello, world. I'm here"),
     (" Um, the cat, you know, sat.", "THE CAT SAT", " The cat, sat."),
