@@ -314,7 +314,7 @@ def closing_report(args, teacher, out: Path, dev, student_wer: Optional[float], 
             log(f"the same, both with int8 weights ({DEFAULT_SCOPE} scope): {ratio:.2f}x", speed_up_int8=ratio)
     if args.test_data != []:
         try:
-            test = test_utterances(args)
+            test = comparison_utterances(args)
         except (FileNotFoundError, ValueError) as err:
             log(f"warning: no test data ({err}): student and teacher not compared on it")
         else:
@@ -355,7 +355,7 @@ def compare_on_dev(out: Path, student_wer: Optional[float], log):
         student_vs_teacher=result)
 
 
-def test_utterances(args):
+def comparison_utterances(args):
     """The utterances of --test-data, by default the held-out test split; an error that says which is
     missing (the closing report then goes without it)."""
     if args.test_data is None:
