@@ -52,8 +52,8 @@ from load import atomic_save, atomic_write, default_device, load_model, save_che
 from model import AudioContext
 from quantize import DEFAULT_SCOPE, int8_for_decoding
 from prepare import (
-    TargetSettings, at_speeds, attach_prompts, cache_targets, filter_by_wer, label_examples, labelling_key, plan_examples,
-    targets_key, training_utterances, with_human_labels,
+    TargetSettings, at_speeds, attach_prompts, cache_targets, filter_by_wer, label_examples, labelling_key,
+    plan_examples, targets_key, training_utterances, with_human_labels,
 )
 from student import layers_stood_for, make_student, output_shortlist
 from tokenizer import tokenizer_for
@@ -268,7 +268,8 @@ def prepare(args, teacher, student, tokenizer, rank, world, log):
             labelled = [x for x in labelled if x.target_item in cached]
         if world > 1:
             dist.barrier()
-    counts.update(examples_kept=len(labelled), perturbed=sum(x.example.speed != 1.0 for x in labelled), windows=sum(len(x.example.audio) > 1 for x in labelled),
+    counts.update(examples_kept=len(labelled), perturbed=sum(x.example.speed != 1.0 for x in labelled),
+                  windows=sum(len(x.example.audio) > 1 for x in labelled),
                   timestamped=sum(x.example.timestamps for x in labelled),
                   prompted=sum(bool(x.prompt) for x in labelled), preparation_s=round(time.time() - started, 1))
     return labelled, targets, settings, counts
@@ -368,11 +369,11 @@ def compare_on_test(teacher, student, utterances, out: Path, batch_size: int, lo
     and student - teacher with its paired interval: the comparison that decides, since nothing chose on it."""
     reports = {}
     for name, model in (("teacher", teacher), ("student", student)):
-        log(f"scoring the {name} on the test split ({len(utterances)} utterances)")
+        log(f"scoring the {name} on the test set ({len(utterances)} utterances)")
         reports[name] = evaluate(model, utterances, GREEDY, NO_FALLBACK, batch_size, progress=False)
         write_dev_report(reports[name], name, out / TEST_REPORTS[name])
     result = paired_bootstrap(reports["student"]["utterances"], reports["teacher"]["utterances"])
-    log(f"test split WER: teacher {100 * reports['teacher']['wer']:.2f}%, student {100 * reports['student']['wer']:.2f}% "
+    log(f"test set WER: teacher {100 * reports['teacher']['wer']:.2f}%, student {100 * reports['student']['wer']:.2f}% "
         f"({result['words']} words); student - teacher: {describe_comparison(result, ('the student', 'the teacher'))}",
         teacher_test_wer=reports["teacher"]["wer"], student_test_wer=reports["student"]["wer"],
         student_vs_teacher_test=result)
@@ -468,8 +469,8 @@ def main(argv=None):
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
         defaults = parse_args([])
         for key in ("teacher", "method", "decoder_layers", "encoder_layers", "trainable_encoder_layers", "batch_size",
-                    "seed", "grad_accum", "prompt_share", "exclude_speakers", "eval_data", "eval_limit", "speeds", "labels", "self_teacher",
-                    "hidden_weight"):
+                    "seed", "grad_accum", "prompt_share", "exclude_speakers", "eval_data", "eval_limit", "speeds",
+                    "labels", "self_teacher", "hidden_weight"):
             if state["args"].get(key, getattr(defaults, key)) != getattr(args, key):  # absent: made before the flag
                 raise SystemExit(f"error: --{key.replace('_', '-')} is {getattr(args, key)!r} but the checkpoint "
                                  f"was made with {state['args'].get(key)!r}")

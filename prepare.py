@@ -26,7 +26,7 @@ import soundfile
 import torch
 from tqdm import tqdm
 
-from audio import HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE, AudioError, change_speed, load_audio
+from audio import HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE, AudioError, change_speed, load_audio
 from cache import ArrayCache, fingerprint_files, fingerprint_model
 from data import IGNORE_LABEL, TEST_SPEAKERS, Utterance, chapter_of, list_utterances, training_tokens, window_runs
 from decoding import DecodingOptions, FallbackRules, decode_with_fallback, prompt_limit
@@ -104,7 +104,8 @@ def load_example_audio(example: Example) -> np.ndarray:
 
 def item_name(example: Example) -> Optional[str]:
     """The labels cache's name for an example: its audio's content and its target's form (one name for all
-    its speeds: the label of a perturbed copy is the recording's); None if a file of it cannot be read (it is then counted as unreadable, not cached: it may be back on the next run)."""
+    its speeds: the label of a perturbed copy is the recording's); None if a file of it cannot be read (it
+    is then counted as unreadable, not cached: it may be back on the next run)."""
     try:
         return f"{fingerprint_files(example.audio)}-{'ts' if example.timestamps else 'tx'}"
     except OSError:
@@ -137,10 +138,13 @@ class Labelled:
         """Its name in the targets cache: the teacher's logits depend on the target, the speed and the prompt too."""
         name = self.item if self.example.speed == 1.0 else f"{self.item}-x{self.example.speed:g}"
         if self.human:
-            name = f"{name}-h{hashlib.sha256(repr(self.tokens).encode()).hexdigest()[:16]}"
-        if not self.prompt:
-            return name
-        return f"{name}-p{hashlib.sha256(repr(self.prompt).encode()).hexdigest()[:16]}"
+            name += f"-h{_digest(self.tokens)}"
+        return f"{name}-p{_digest(self.prompt)}" if self.prompt else name
+
+
+def _digest(tokens: Sequence[int]) -> str:
+    """A short name for a token sequence, for cache item names."""
+    return hashlib.sha256(repr(tuple(tokens)).encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -216,7 +220,9 @@ def with_human_labels(labelled: Sequence[Labelled], tokenizer: Tokenizer) -> Lis
     for x in labelled:
         tokens = x.tokens if x.example.reference is None else human_tokens(tokenizer, x.tokens, x.example.reference,
                                                                              x.example.timestamps)
-        out.append(x if tokens == x.tokens else replace(x, tokens=tokens, text=tokenizer.decode(tokens).strip(), human=True))
+        if tokens != x.tokens:
+            x = replace(x, tokens=tokens, text=tokenizer.decode(tokens).strip(), human=True)
+        out.append(x)
     return out
 
 
@@ -249,13 +255,13 @@ def at_speeds(labelled: Sequence[Labelled], speeds: Sequence[float], timestamp_b
     recording's label: the same words, its timestamps moved with the audio (a token at t s goes to t / speed).
     A copy that would not fit Whisper's 30 s window at its speed is left out. Teacher soft targets and
     encoder features are computed on the perturbed audio (cache_targets), so every signal matches it."""
+    lengths = [recorded_samples(x.example.audio) for x in labelled] if set(speeds) != {1.0} else []
     out = []
     for speed in speeds:  # speed by speed: a run can reuse the cached items of another speed while it makes its own
-        for x in labelled:
+        for x, length in zip(labelled, lengths or [None] * len(labelled)):
             if speed == 1.0:
                 out.append(x)
                 continue
-            length = recorded_samples(x.example.audio)
             if length is None or length / speed > N_SAMPLES:
                 continue
             tokens = retimed(x.tokens, speed, timestamp_begin) if x.example.timestamps else x.tokens
@@ -263,9 +269,9 @@ def at_speeds(labelled: Sequence[Labelled], speeds: Sequence[float], timestamp_b
     return out
 
 
-def retimed(tokens: Sequence[int], speed: float, timestamp_begin: int, last: int = N_SAMPLES // 320) -> List[int]:
-    """Timestamp tokens (ids from timestamp_begin, 20 ms each) for audio played `speed` times as fast; text
-    tokens unchanged. `last`: the largest timestamp (30 s)."""
+def retimed(tokens: Sequence[int], speed: float, timestamp_begin: int, last: int = N_FRAMES // 2) -> List[int]:
+    """Timestamp tokens (ids from timestamp_begin, 20 ms each: two Mel frames) for audio played `speed` times
+    as fast; text tokens unchanged. `last`: the largest timestamp (30 s)."""
     return [t if t < timestamp_begin else timestamp_begin + min(round((t - timestamp_begin) / speed), last)
             for t in tokens]
 

@@ -359,8 +359,8 @@ class Trainer:
         clock["forward"] += time.perf_counter() - tick
         tick = time.perf_counter()
         labels = batch["labels"][batch["labels"] != IGNORE_LABEL]  # (n_labels,), the order of the logits
-        losses = distillation_loss(logits, labels, soft, self.schedule.soft_weight(progress),
-                                   self.schedule.ce_weight(), self.config.temperature, blocks, self.config.hidden_weight)
+        losses = distillation_loss(logits, labels, soft, self.schedule.soft_weight(progress), self.schedule.ce_weight(),
+                                   self.config.temperature, blocks, self.config.hidden_weight)
         clock["loss"] += time.perf_counter() - tick
         tick = time.perf_counter()
         (losses["loss"] * scale).backward()
@@ -410,8 +410,8 @@ class Trainer:
         teacher_ce = [s["teacher_ce"] for s in stats if s["teacher_ce"] is not None]
         self.schedule.observe(mean("ce"), sum(teacher_ce) / len(teacher_ce) if teacher_ce else None)
         return dict(step=p.step, progress=round(fraction, 4), phase=self.schedule.phase(fraction),
-                    loss=mean("loss"), ce=mean("ce"), kl=mean("kl"), hidden=mean("hidden"), soft_weight=self.schedule.soft_weight(fraction),
-                    lr=self.lr_at(p.step - 1), grad_norm=float(grad_norm),
+                    loss=mean("loss"), ce=mean("ce"), kl=mean("kl"), hidden=mean("hidden"),
+                    soft_weight=self.schedule.soft_weight(fraction), lr=self.lr_at(p.step - 1), grad_norm=float(grad_norm),
                     tokens=sum(s["tokens"] for s in stats), audio_s=sum(s["audio_s"] for s in stats))
 
     # -- the loop -------------------------------------------------------------------------------
